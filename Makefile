@@ -1,0 +1,42 @@
+# Every target creates and reuses .venv by itself; `make demo` and `make test` work on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+DEMO := data/demo
+DEMO_PATIENTS ?= 150
+
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: venv demo test test-fast bench lint clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+demo: $(STAMP)
+	@test -f $(DEMO)/cohort/cohort.yaml || $(BIN)/fusion synth --out $(DEMO)/cohort --patients $(DEMO_PATIENTS)
+	$(BIN)/fusion run $(DEMO)/cohort --out $(DEMO)/run
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q --durations=10
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check fusion flows tests benchmarks
+
+clean:
+	rm -rf $(DEMO) .prefect .pytest_cache

@@ -1,0 +1,264 @@
+"""`fusion`: the command line. Each stage is a subcommand; `fusion run` runs them all as a Prefect flow."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fusion.errors import FusionError
+
+app = typer.Typer(help="Multimodal pathology pipeline: slides -> tiles -> features -> fusion models -> risk.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+cohort_app = typer.Typer(help="Inspect and validate cohort folders.", no_args_is_help=True)
+app.add_typer(cohort_app, name="cohort")
+console = Console()
+err = Console(stderr=True)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=False)
+
+
+def _fail(e: Exception) -> None:
+    err.print(f"[bold red]error:[/] {e}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option(help="Folder to write the cohort into.")],
+    patients: Annotated[int, typer.Option(help="Number of patients.")] = 150,
+    seed: Annotated[int, typer.Option(help="Random seed (the cohort is a function of it).")] = 0,
+    slide_px: Annotated[int, typer.Option(help="Long side of each slide's level 0, pixels.")] = 4096,
+    mpp: Annotated[float, typer.Option(help="Microns per pixel at level 0 (0.5 = 20x, 0.25 = 40x).")] = 0.5,
+    missing_genomics: Annotated[float, typer.Option(help="Fraction of patients without genomics.")] = 0.0,
+    missing_slides: Annotated[float, typer.Option(help="Fraction of patients without slides.")] = 0.0,
+    workers: Annotated[int, typer.Option(help="Processes rendering slides.")] = 2,
+) -> None:
+    """Generate a synthetic cohort: pyramidal H&E-like slides, genomics, clinical data, outcomes.
+
+    Ground truth (true risk, tissue and morphology maps) goes to OUT/truth/, outside the tables.
+    """
+    from fusion.synth import SynthConfig, synthesize_cohort
+
+    config = SynthConfig(patients=patients, seed=seed, slide_px=slide_px, mpp=mpp,
+                         missing_genomics=missing_genomics, missing_slides=missing_slides, workers=workers)
+    with console.status(f"rendering {patients} patients' slides into {out}"):
+        synthesize_cohort(out, config)
+    console.print(f"cohort written to [bold]{out}[/]")
+
+
+@cohort_app.command("validate")
+def cohort_validate(folder: Annotated[Path, typer.Argument(help="Cohort folder with cohort.yaml.")]) -> None:
+    """Check cohort.yaml and every table; list every problem at once (file, line, column)."""
+    from fusion.cohort import load_cohort
+
+    try:
+        cohort = load_cohort(folder)
+    except FusionError as e:
+        _fail(e)
+    g = "none" if cohort.genomics is None else f"{cohort.genomics.shape[1]} genes for {len(cohort.genomics)}"
+    console.print(f"[green]ok[/]: {len(cohort.patients)} patients ({int(cohort.event.sum())} events), "
+                  f"{len(cohort.slides)} slides, genomics: {g}")
+
+
+@app.command()
+def tile(
+    cohort: Annotated[Path, typer.Argument(help="Cohort folder.")],
+    out: Annotated[Path, typer.Option(help="Run folder (created if missing).")],
+    target_mpp: Annotated[float, typer.Option(help="Tile resolution in um/px (0.5 ~ 20x).")] = 0.5,
+    patch_size: Annotated[int, typer.Option(help="Tile size in pixels at the target resolution.")] = 256,
+    min_tissue: Annotated[float, typer.Option(help="Minimum fraction of tissue in a tile.")] = 0.5,
+    overlap: Annotated[float, typer.Option(help="Fraction of a tile shared with its neighbour.")] = 0.0,
+    mpp: Annotated[float | None, typer.Option(help="Override the slides' level-0 um/px.")] = None,
+) -> None:
+    """Find tissue and cut each slide into a tile grid (coords .h5 + QC picture per slide)."""
+    from fusion.run import init_run, open_run
+    from fusion.stages import slide_rows, tile_one
+    from fusion.wsi import TilingConfig
+
+    try:
+        config = TilingConfig(target_mpp=target_mpp, patch_size=patch_size, min_tissue=min_tissue,
+                              overlap=overlap)
+        init_run(out, cohort)
+        layout, c = open_run(out)
+    except (FusionError, ValueError) as e:
+        _fail(e)
+    results = []
+    with _progress() as progress:
+        for sid, path in progress.track(slide_rows(c), description="tiling slides"):
+            results.append(tile_one(layout, sid, path, config, mpp))
+    _report(results, "tiles")
+
+
+@app.command()
+def extract(
+    run: Annotated[Path, typer.Argument(help="Run folder (after `fusion tile`).")],
+    encoder: Annotated[list[str], typer.Option(help="Encoder name; repeat for several in one pass.")] = ["morph"],  # noqa: B006
+    batch_size: Annotated[int, typer.Option(help="Tiles per batch.")] = 128,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes reading tiles.")] = 0,
+) -> None:
+    """Encode every tile with the chosen encoder(s) into RUN/features/<encoder>/<slide>.h5."""
+    from fusion.features import ExtractConfig
+    from fusion.run import open_run
+    from fusion.stages import build_encoders, extract_one, slide_rows
+
+    try:
+        layout, c = open_run(run)
+        encoders = build_encoders(encoder)
+    except (FusionError, ValueError) as e:
+        _fail(e)
+    config = ExtractConfig(batch_size=batch_size, num_workers=workers)
+    results = []
+    with _progress() as progress:
+        for sid, path in progress.track(slide_rows(c), description="extracting features"):
+            results.append(extract_one(layout, sid, path, encoders, config))
+    _report(results, "tiles")
+
+
+@app.command()
+def train(
+    run: Annotated[Path, typer.Argument(help="Run folder with features.")],
+    model: Annotated[str, typer.Option(help="Model name (see `fusion doctor`).")] = "abmil",
+    encoder: Annotated[str, typer.Option(help="Which features to train on.")] = "morph",
+    folds: Annotated[int, typer.Option(help="Patient-level cross-validation folds.")] = 5,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping may end sooner).")] = 60,
+    seed: Annotated[int, typer.Option(help="Seed: splits and initialisation.")] = 0,
+) -> None:
+    """Cross-validate a survival model; writes RUN/models/<model>/fold-<k>/ and predictions."""
+    from fusion.run import open_run
+    from fusion.stages import evaluate_stage, train_stage
+    from fusion.train.evaluate import format_evaluation
+    from fusion.train.loop import TrainConfig
+
+    try:
+        config = TrainConfig(model=model, encoder=encoder, folds=folds, epochs=epochs, seed=seed)
+        layout, c = open_run(run)
+        with _progress() as progress:
+            bar = progress.add_task(f"training {model} ({folds} folds)", total=folds * epochs)
+
+            def on_epoch(fold: int, epoch: int, record: dict) -> None:
+                progress.update(bar, completed=fold * epochs + epoch + 1)
+
+            train_stage(layout, c, config, on_epoch=on_epoch)
+            progress.update(bar, completed=folds * epochs)
+        console.print(format_evaluation(evaluate_stage(layout, c, model)))
+    except (FusionError, ValueError) as e:
+        _fail(e)
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run folder with a trained model.")],
+    model: Annotated[str, typer.Option(help="Model name.")] = "abmil",
+) -> None:
+    """C-index per fold (scikit-survival), mean ± sd, and the oracle C-index on synthetic data."""
+    from fusion.run import open_run
+    from fusion.stages import evaluate_stage
+    from fusion.train.evaluate import format_evaluation
+
+    try:
+        layout, c = open_run(run)
+        result = evaluate_stage(layout, c, model)
+    except (FusionError, ValueError) as e:
+        _fail(e)
+    table = Table("fold", "patients", "events", "C-index", *(["oracle"] if "oracle_c_index_mean" in result else []))
+    for f in result["folds"]:
+        extra = [f"{f['oracle_c_index']:.3f}"] if "oracle_c_index" in f else []
+        table.add_row(str(f["fold"]), str(f["n"]), str(f["events"]), f"{f['c_index']:.3f}", *extra)
+    console.print(table)
+    console.print(format_evaluation(result))
+
+
+@app.command("run")
+def run_pipeline(
+    cohort: Annotated[Path, typer.Argument(help="Cohort folder.")],
+    out: Annotated[Path, typer.Option(help="Run folder.")],
+    model: Annotated[str, typer.Option(help="Model to train.")] = "abmil",
+    encoder: Annotated[str, typer.Option(help="Tile encoder.")] = "morph",
+    folds: Annotated[int, typer.Option(help="Cross-validation folds.")] = 5,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 60,
+    target_mpp: Annotated[float, typer.Option(help="Tile resolution in um/px.")] = 0.5,
+    patch_size: Annotated[int, typer.Option(help="Tile size in pixels.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+) -> None:
+    """Run every stage as one Prefect flow (embedded local server unless PREFECT_API_URL is set)."""
+    from flows.pipeline import pipeline
+    from fusion.train.loop import TrainConfig
+    from fusion.wsi import TilingConfig
+
+    try:
+        summary = pipeline(str(cohort), str(out),
+                           tiling=TilingConfig(target_mpp=target_mpp, patch_size=patch_size),
+                           train=TrainConfig(model=model, encoder=encoder, folds=folds, epochs=epochs, seed=seed))
+    except (FusionError, ValueError) as e:
+        _fail(e)
+    ev = summary["evaluation"]
+    console.print(f"\nrun folder: [bold]{summary['run']}[/]  ({summary['slides']} slides, {summary['tiles']} tiles)")
+    if summary["failed"]:
+        console.print(f"[yellow]{len(summary['failed'])} slide(s) failed[/]: "
+                      + ", ".join(f["slide_id"] for f in summary["failed"]))
+    console.print(f"model C-index  {ev['c_index_mean']:.3f} ± {ev['c_index_sd']:.3f}  ({model}, {folds}-fold CV)")
+    if "oracle_c_index_mean" in ev:
+        console.print(f"oracle C-index {ev['oracle_c_index_mean']:.3f} ± {ev['oracle_c_index_sd']:.3f}"
+                      "  (true risk, same folds)")
+
+
+@app.command()
+def doctor() -> None:
+    """Report the environment: Python, openslide, torch/CUDA, Prefect, encoders and models."""
+    from fusion.features import available_encoders
+    from fusion.models import available_models
+
+    table = Table("component", "status")
+    table.add_row("python", platform.python_version())
+    try:
+        import openslide
+
+        table.add_row("openslide", f"{openslide.__library_version__} (python {openslide.__version__})")
+    except Exception as e:  # noqa: BLE001 - doctor reports, never crashes
+        table.add_row("openslide", f"[red]missing: {e}[/] (pip install openslide-bin openslide-python)")
+    import torch
+
+    cuda = "no GPU: CPU"
+    if torch.cuda.is_available():
+        cuda = f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s)"
+    table.add_row("torch", f"{torch.__version__} ({cuda}, {torch.get_num_threads()} threads)")
+    try:
+        import prefect
+
+        table.add_row("prefect", prefect.__version__)
+    except Exception as e:  # noqa: BLE001
+        table.add_row("prefect", f"[red]missing: {e}[/]")
+    table.add_row("encoders", ", ".join(available_encoders()))
+    table.add_row("models", ", ".join(available_models()))
+    console.print(table)
+
+
+def _report(results: list[dict], unit: str) -> None:
+    failed = [r for r in results if r["status"] == "failed"]
+    done = sum(r["status"] == "done" for r in results)
+    skipped = sum(r["status"] == "skipped" for r in results)
+    n = sum(r.get("n_tiles") or 0 for r in results)
+    console.print(f"{done} done, {skipped} already up to date, {len(failed)} failed; {n} {unit}")
+    for r in failed:
+        err.print(f"[red]failed[/] {r['slide_id']}: {r['error']}")
+    if failed and len(failed) == len(results):
+        raise typer.Exit(1)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
+

@@ -1,0 +1,69 @@
+"""`abmil`: gated attention multiple-instance learning (Ilse, Tomczak & Welling, ICML 2018).
+
+    h_n = MLP(x_n)                                  tile embeddings          [B, N, H]
+    a_n = w^T (tanh(V h_n) * sigmoid(U h_n))        attention logits          [B, N]
+    alpha = softmax over the unmasked tiles         attention weights         [B, N]
+    z = sum_n alpha_n h_n                           bag embedding             [B, H]
+    risk = head(z)                                  log-hazard [B] or logits [B, C]
+
+Cost is linear in the number of tiles. Input standardisation (mean/std fitted on the training
+fold) lives in buffers, so a saved model carries it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fusion.models.registry import register_model
+
+
+class GatedAttentionPool(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.v = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Dropout(dropout))
+        self.u = nn.Sequential(nn.Linear(dim, hidden), nn.Sigmoid(), nn.Dropout(dropout))
+        self.w = nn.Linear(hidden, 1)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [B, N, D], mask [B, N] (True = real tile) -> pooled [B, D], attention [B, N]."""
+        logits = self.w(self.v(h) * self.u(h)).squeeze(-1).float()
+        logits = logits.masked_fill(~mask, float("-inf"))
+        attn = torch.softmax(logits, dim=1)
+        attn = torch.nan_to_num(attn, nan=0.0)  # a bag with no tile gets all-zero attention
+        return torch.einsum("bn,bnd->bd", attn.to(h.dtype), h), attn
+
+
+class ABMIL(nn.Module):
+    def __init__(self, in_dim: int, hidden: int = 128, attn_dim: int = 64, dropout: float = 0.25,
+                 n_outputs: int = 1):
+        super().__init__()
+        self.register_buffer("feat_mean", torch.zeros(in_dim))
+        self.register_buffer("feat_std", torch.ones(in_dim))
+        self.embed = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.pool = GatedAttentionPool(hidden, attn_dim, dropout)
+        self.head = nn.Sequential(nn.Linear(hidden, hidden // 2), nn.ReLU(), nn.Dropout(dropout),
+                                  nn.Linear(hidden // 2, n_outputs))
+        self.n_outputs = n_outputs
+
+    def set_normalisation(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.feat_mean.copy_(mean)
+        self.feat_std.copy_(std.clamp_min(1e-6))
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor, **_: torch.Tensor) -> dict:
+        """features [B, N, D], mask [B, N] -> {'risk' [B] | 'logits' [B, C], 'attention' [B, N]}."""
+        x = (features - self.feat_mean) / self.feat_std
+        h = self.embed(x)
+        z, attn = self.pool(h, mask)
+        out = self.head(z).float()
+        result = {"attention": attn, "embedding": z}
+        if self.n_outputs == 1:
+            result["risk"] = out.squeeze(-1)
+        else:
+            result["logits"] = out
+        return result
+
+
+@register_model("abmil")
+def build_abmil(in_dim: int, n_outputs: int = 1, hidden: int = 128, dropout: float = 0.25, **_) -> ABMIL:
+    return ABMIL(in_dim, hidden=hidden, dropout=dropout, n_outputs=n_outputs)

@@ -1,0 +1,93 @@
+"""The pipeline's stages as plain functions over a run folder (no Prefect here).
+
+Per-slide stages never raise for a bad slide: they record the failure in the ledger and return
+a summary with status 'failed', so one corrupt file does not stop a cohort. The Prefect flows in
+`flows/` and the CLI both call these.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import asdict
+
+from fusion.cohort import Cohort
+from fusion.errors import FusionError, RunError
+from fusion.features import ExtractConfig, create_encoder, extract_slide
+from fusion.features.encoders import Encoder
+from fusion.run import RunLayout
+from fusion.train.data import load_bags
+from fusion.train.evaluate import evaluate_predictions
+from fusion.train.loop import TrainConfig, cross_validate
+from fusion.wsi import TilingConfig, tile_slide
+
+
+def _guarded(layout: RunLayout, step: str, item: str, fn, **fields) -> dict:
+    start = time.perf_counter()
+    try:
+        result = fn()
+    except (FusionError, OSError, ValueError) as e:
+        entry = {"slide_id": item, "status": "failed", "error": str(e), "error_type": type(e).__name__}
+        layout.ledger.record(step, item, "failed", error=str(e), error_type=type(e).__name__,
+                             traceback=traceback.format_exc(limit=3), **fields)
+        return entry
+    status = "skipped" if result.get("skipped") else "done"
+    layout.ledger.record(step, item, status, inputs_hash=result.get("inputs_hash"),
+                         outputs=result.get("outputs"), seconds=round(time.perf_counter() - start, 3),
+                         n_tiles=result.get("n_tiles"), **fields)
+    return {**result, "status": status}
+
+
+def tile_one(layout: RunLayout, slide_id: str, path: str, config: TilingConfig,
+             mpp: float | None = None) -> dict:
+    """Tile one slide into RUN/tiles; a failure is recorded, not raised."""
+    return _guarded(layout, "tile", slide_id,
+                    lambda: tile_slide(path, slide_id, layout.tiles, config, mpp=mpp))
+
+
+def extract_one(layout: RunLayout, slide_id: str, path: str, encoders: list[Encoder],
+                config: ExtractConfig = ExtractConfig()) -> dict:
+    """Features of one tiled slide for each encoder; needs RUN/tiles/<slide_id>.h5."""
+    tiles = layout.tiles_h5(slide_id)
+
+    def run() -> dict:
+        if not tiles.exists():
+            raise RunError(f"no tiles for slide {slide_id} ({tiles}); tiling failed or was not run")
+        return extract_slide(path, tiles, slide_id, layout.root / "features", encoders, config)
+
+    return _guarded(layout, "extract", slide_id, run, encoders=[e.name for e in encoders])
+
+
+def build_encoders(names: list[str]) -> list[Encoder]:
+    return [create_encoder(n) for n in names]
+
+
+def train_stage(layout: RunLayout, cohort: Cohort, config: TrainConfig, on_epoch=None) -> dict:
+    """Cross-validate `config.model` on the run's features; writes RUN/models/<model>/."""
+    bags, missing = load_bags(layout, cohort, config.encoder)
+    if len(bags) < config.folds * 2:
+        raise RunError(f"only {len(bags)} patients have features for encoder '{config.encoder}' in "
+                       f"{layout.root}; run `fusion extract` first (or use fewer folds)")
+    out = layout.model_dir(config.model)
+    summary = cross_validate(bags, config, out, on_epoch=on_epoch)
+    summary["patients_without_features"] = missing
+    layout.ledger.record("train", config.model, "done", outputs=[str(out)], config=asdict(config),
+                         c_index_mean=summary["c_index_mean"], excluded=missing)
+    return summary
+
+
+def evaluate_stage(layout: RunLayout, cohort: Cohort, model: str) -> dict:
+    model_dir = layout.model_dir(model)
+    if not (model_dir / "predictions.parquet").exists():
+        raise RunError(f"no predictions in {model_dir}; run `fusion train` first")
+    result = evaluate_predictions(model_dir, cohort)
+    layout.ledger.record("evaluate", model, "done", outputs=[str(model_dir / "evaluation.json")],
+                         c_index_mean=result["c_index_mean"])
+    return result
+
+
+def slide_rows(cohort: Cohort) -> list[tuple[str, str]]:
+    return [(str(s), str(p)) for s, p in zip(cohort.slides.slide_id, cohort.slides.path, strict=True)]
+
+
+__all__ = ["tile_one", "extract_one", "build_encoders", "train_stage", "evaluate_stage", "slide_rows"]

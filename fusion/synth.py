@@ -1,0 +1,374 @@
+"""Synthetic cohort: pyramidal H&E-like slides, gene expression, clinical data, survival outcomes.
+
+The generative story (every patient):
+  z_img  ~ N(0, 1)   hidden tumour aggressiveness, visible in the slide: more tumour and necrosis,
+                     fewer lymphocytes as z_img grows;
+  z_gene ~ N(0, 1)   a proliferation programme, visible in one gene pathway (corr. 0.3 with z_img);
+  clinical           age, grade (driven by z_img), stage (driven by both), ER status;
+  true risk  eta = 1.0 z_img + 0.7 z_gene + 0.25 (grade - 2) + 0.02 (age - 60)  (default weights)
+  survival   T ~ Weibull(shape 1.3, scale exp(-eta / 1.3) * T0); censoring C ~ U(0, c_max) capped at
+             follow-up, tuned so that events are a minority (~35 %) as in ER+ cohorts.
+
+Slides are tiled, JPEG-compressed, pyramidal TIFFs (4x downsample per level) with resolution tags,
+which openslide opens as `generic-tiff` with `openslide.mpp-x`. Level 0 is rendered in stripes and
+streamed to the writer, so the size is limited by disk, not memory.
+
+Ground truth lives in `<cohort>/truth/`, never in the tables the models read:
+  truth/patients.csv          true risk, hidden states, morphology proportions per patient;
+  truth/<slide_id>.labels.png uint8 morphology map (0 = glass, 1.. = MORPHOLOGIES), one pixel per
+                              `label_px` level-0 pixels; tissue mask = labels > 0;
+  truth/slides.json           per slide: label_px, level-0 size, mpp.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import tifffile
+import yaml
+
+from fusion.storage import atomic_path, write_json
+
+MORPHOLOGIES = ("tumour", "stroma", "lymphocytes", "necrosis", "fat")
+# How each morphology's share moves with z_img (log-odds per unit), and its share at z_img = 0.
+_MORPH_SLOPE = np.array([0.9, 0.0, -0.9, 0.8, -0.3])
+_MORPH_BASE = np.log(np.array([0.25, 0.30, 0.20, 0.08, 0.17]))
+PATHWAYS = ("PROLIF", "IMMUNE", "ER_SIGNAL", "EMT", "HYPOXIA", "DNA_REPAIR", "MAPK", "WNT")
+TILE = 256  # TIFF tile size
+LABEL_PX = 8  # level-0 pixels per ground-truth label pixel
+WEIBULL_SHAPE = 1.3
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Size and realism knobs. Defaults give the demo cohort."""
+
+    patients: int = 150
+    seed: int = 0
+    slide_px: int = 4096  # long side of level 0 in pixels
+    mpp: float = 0.5
+    genes_per_pathway: int = 16
+    extra_slide_prob: float = 0.2  # chance that a patient has a second slide
+    missing_genomics: float = 0.0  # fraction of patients without genomics
+    missing_slides: float = 0.0  # fraction of patients without any slide
+    jpeg_quality: int = 85
+    workers: int = 2
+    region_um: float = 120.0  # correlation length of morphology regions (blobs ~2.5x this)
+    # Weights of the true log-hazard: image state, genomic state, grade, age (per year).
+    risk_weights: tuple[float, float, float, float] = (1.0, 0.7, 0.25, 0.02)
+
+
+def synthesize_cohort(out: str | Path, config: SynthConfig = SynthConfig()) -> Path:
+    """Write a full synthetic cohort folder (tables, slides, truth) and return its path."""
+    out = Path(out)
+    (out / "slides").mkdir(parents=True, exist_ok=True)
+    (out / "truth").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(config.seed)
+    patients, truth, states = _patients(config, rng)
+    genomics = _genomics(config, states, rng)
+    slides = _slide_table(config, patients["patient_id"].tolist(), rng)
+
+    jobs = []
+    for sid, pid, rel in slides[["slide_id", "patient_id", "path"]].itertuples(index=False):
+        row = truth.loc[truth.patient_id == pid].iloc[0]
+        props = row[[f"prop_{m}" for m in MORPHOLOGIES]].to_numpy(dtype=float)
+        seed = int(rng.integers(2**31))
+        jobs.append((str(out / rel), sid, props, seed, config))
+    slide_truth: dict[str, dict] = {}
+    if config.workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(config.workers) as pool:
+            for sid, info in pool.map(_render_job, jobs):
+                slide_truth[sid] = info
+    else:
+        for job in jobs:
+            sid, info = _render_job(job)
+            slide_truth[sid] = info
+
+    patients.to_csv(out / "patients.csv", index=False)
+    slides.to_csv(out / "slides.csv", index=False)
+    genomics.to_csv(out / "genomics.csv", index=False)
+    truth.to_csv(out / "truth" / "patients.csv", index=False)
+    write_json(out / "truth" / "slides.json", slide_truth)
+    write_json(out / "truth" / "config.json", asdict(config))
+    spec = {
+        "name": f"synthetic-{config.seed}",
+        "time_unit": "months",
+        "tables": {"slides": "slides.csv", "patients": "patients.csv", "genomics": "genomics.csv"},
+        "outcome": {"time": "os_months", "event": "os_event"},
+        "label": "subtype",
+        "clinical": {"age": "numeric", "grade": "categorical", "stage": "categorical",
+                     "er_status": "categorical"},
+        "genomics": "all",
+    }
+    (out / "cohort.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return out
+
+
+def _patients(config: SynthConfig, rng: np.random.Generator):
+    n = config.patients
+    z_img = rng.standard_normal(n)
+    z_gene = 0.3 * z_img + np.sqrt(1 - 0.09) * rng.standard_normal(n)
+    age = np.clip(rng.normal(60, 10, n), 28, 90).round()
+    grade = np.digitize(0.8 * z_img + 0.6 * rng.standard_normal(n), [-0.6, 0.6]) + 1
+    stage_score = 0.5 * z_img + 0.4 * z_gene + 0.8 * rng.standard_normal(n)
+    stage = np.array(["I", "II", "III"])[np.digitize(stage_score, [-0.5, 0.7])]
+    er = np.where(rng.random(n) < 0.8, "positive", "negative")
+    w_img, w_gene, w_grade, w_age = config.risk_weights
+    eta = w_img * z_img + w_gene * z_gene + w_grade * (grade - 2) + w_age * (age - 60)
+
+    # Weibull proportional hazards: S(t) = exp(-(t / T0)^k * exp(eta)).
+    t0 = 180.0  # scale chosen so that ~35 % of patients have an observed event
+    u = rng.random(n)
+    t_event = t0 * (-np.log(u) * np.exp(-eta)) ** (1 / WEIBULL_SHAPE)
+    t_censor = rng.uniform(6.0, 150.0, n)
+    time = np.minimum(t_event, t_censor).round(2)
+    event = (t_event <= t_censor).astype(int)
+    label = (0.8 * z_img + 0.8 * z_gene + 0.5 * rng.standard_normal(n) > 0).astype(int)
+
+    logits = _MORPH_BASE[None, :] + _MORPH_SLOPE[None, :] * z_img[:, None]
+    props = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+
+    ids = [f"P{i:04d}" for i in range(n)]
+    patients = pd.DataFrame({
+        "patient_id": ids, "os_months": time, "os_event": event,
+        "subtype": np.where(label == 1, "luminal_b", "luminal_a"),
+        "age": age.astype(int), "grade": grade, "stage": stage, "er_status": er,
+    })
+    truth = pd.DataFrame({"patient_id": ids, "true_risk": eta, "z_img": z_img, "z_gene": z_gene,
+                          "label": label})
+    for k, m in enumerate(MORPHOLOGIES):
+        truth[f"prop_{m}"] = props[:, k]
+    return patients, truth, {"z_img": z_img, "z_gene": z_gene, "ids": ids}
+
+
+def _genomics(config: SynthConfig, states: dict, rng: np.random.Generator) -> pd.DataFrame:
+    """Log-expression with pathway structure: each pathway is one latent factor plus noise."""
+    n = len(states["ids"])
+    factors = rng.standard_normal((n, len(PATHWAYS)))
+    factors[:, 0] = states["z_gene"]  # PROLIF carries the genomic risk
+    factors[:, 1] = -0.6 * states["z_img"] + 0.8 * factors[:, 1]  # IMMUNE mirrors lymphocytes
+    cols, values = [], []
+    for p, name in enumerate(PATHWAYS):
+        for j in range(config.genes_per_pathway):
+            loading = rng.uniform(0.5, 1.0) * rng.choice([-1, 1])
+            base = rng.uniform(4, 10)
+            values.append(base + loading * factors[:, p] + 0.6 * rng.standard_normal(n))
+            cols.append(f"{name}_{j + 1:02d}")
+    df = pd.DataFrame(np.round(np.stack(values, 1), 3), columns=cols)
+    df.insert(0, "patient_id", states["ids"])
+    keep = rng.random(n) >= config.missing_genomics
+    return df[keep].reset_index(drop=True)
+
+
+def _slide_table(config: SynthConfig, ids: list[str], rng: np.random.Generator) -> pd.DataFrame:
+    rows = []
+    for pid in ids:
+        if rng.random() < config.missing_slides:
+            continue
+        n_slides = 1 + int(rng.random() < config.extra_slide_prob)
+        for s in range(n_slides):
+            sid = f"{pid}-S{s + 1}"
+            rows.append({"slide_id": sid, "patient_id": pid, "path": f"slides/{sid}.tiff"})
+    return pd.DataFrame(rows, columns=["slide_id", "patient_id", "path"])
+
+
+def _render_job(job) -> tuple[str, dict]:
+    path, sid, props, seed, config = job
+    labels = render_slide(path, props, config.slide_px, config.mpp, seed, config.jpeg_quality,
+                          config.region_um)
+    truth_dir = Path(path).parent.parent / "truth"
+    ok, png = cv2.imencode(".png", labels)
+    with atomic_path(truth_dir / f"{sid}.labels.png") as tmp:
+        tmp.write_bytes(png.tobytes())
+    h, w = _slide_shape(config.slide_px)
+    return sid, {"label_px": LABEL_PX, "width": w, "height": h, "mpp": config.mpp,
+                 "morphologies": list(MORPHOLOGIES)}
+
+
+def _slide_shape(slide_px: int) -> tuple[int, int]:
+    w = int(slide_px)
+    h = int(round(slide_px * 0.75))
+    return h, w
+
+
+# ---------------------------------------------------------------- slide rendering
+
+
+def morphology_map(shape: tuple[int, int], props: np.ndarray, rng: np.random.Generator,
+                   region_px: float = 60.0) -> np.ndarray:
+    """Label map [h, w] uint8: 0 glass, k+1 = MORPHOLOGIES[k]; regions are smooth blobs whose
+    correlation length is `region_px` label pixels (a physical size, whatever the slide's size)."""
+    h, w = shape
+    # Tissue: one or two smooth islands inside an elliptical envelope.
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    field = np.zeros((h, w), np.float32)
+    n_islands = 1 + int(rng.random() < 0.5)
+    for i in range(n_islands):
+        cx = w * (0.5 if n_islands == 1 else (0.3 + 0.4 * i)) + rng.normal(0, 0.03 * w)
+        cy = h * 0.5 + rng.normal(0, 0.05 * h)
+        rx = w * (0.3 if n_islands == 1 else 0.16) * rng.uniform(0.85, 1.1)
+        ry = h * 0.32 * rng.uniform(0.8, 1.1)
+        field = np.maximum(field, 1 - ((xx - cx) / rx) ** 2 - ((yy - cy) / ry) ** 2)
+    field += 0.3 * _smooth_noise((h, w), max(h, w) / 12, rng)
+    # Keep a margin of glass at the border, as a scanner's tissue finder does.
+    edge = np.minimum(np.minimum(xx, w - 1 - xx) / w, np.minimum(yy, h - 1 - yy) / h)
+    tissue = (field > 0.15) & (edge > 0.03)
+
+    # Morphology regions: argmax of smooth random fields plus log-proportions.
+    scores = np.stack([_smooth_noise((h, w), region_px, rng) for _ in props])
+    scores = 1.6 * scores + np.log(np.maximum(props, 1e-4))[:, None, None]
+    labels = (scores.argmax(0) + 1).astype(np.uint8)
+    labels[~tissue] = 0
+    return labels
+
+
+def _smooth_noise(shape: tuple[int, int], sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Unit-variance Gaussian random field with correlation length `sigma` pixels."""
+    h, w = shape
+    f = max(1, int(sigma // 4))  # blur at a coarser grid, then upsample: same field, far cheaper
+    small = rng.standard_normal((max(2, h // f + 1), max(2, w // f + 1))).astype(np.float32)
+    small = cv2.GaussianBlur(small, (0, 0), sigma / f)
+    small /= small.std() + 1e-6
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def render_slide(path: str | Path, props: np.ndarray, slide_px: int, mpp: float, seed: int,
+                 quality: int = 85, region_um: float = 120.0) -> np.ndarray:
+    """Render one slide to `path` (pyramidal tiled JPEG TIFF) and return its label map."""
+    rng = np.random.default_rng(seed)
+    h, w = _slide_shape(slide_px)
+    labels = morphology_map((-(-h // LABEL_PX), -(-w // LABEL_PX)), props, rng,
+                            region_px=region_um / (mpp * LABEL_PX))
+    lower: list[np.ndarray] = []  # level-1 stripes, filled while level 0 streams out
+
+    def level0_tiles():
+        for y0 in range(0, h, TILE):
+            stripe = _render_stripe(labels, y0, min(TILE, h - y0), w, rng)
+            lower.append(cv2.resize(stripe, (-(-w // 4), -(-stripe.shape[0] // 4)),
+                                    interpolation=cv2.INTER_AREA))
+            padded = np.full((TILE, -(-w // TILE) * TILE, 3), 255, np.uint8)
+            padded[: stripe.shape[0], :w] = stripe
+            for x0 in range(0, padded.shape[1], TILE):
+                yield padded[:, x0 : x0 + TILE]
+
+    path = Path(path)
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=h * w > 2**31) as tw:
+        opts = dict(tile=(TILE, TILE), compression="jpeg", compressionargs={"level": quality},
+                    photometric="rgb", resolutionunit="CENTIMETER", metadata=None)
+        tw.write(level0_tiles(), shape=(h, w, 3), dtype=np.uint8, subfiletype=0,
+                 resolution=(1e4 / mpp, 1e4 / mpp), **opts)
+        level = np.concatenate(lower, 0)[: -(-h // 4)]
+        downsample = 4
+        while True:
+            tw.write(level, subfiletype=1, resolution=(1e4 / (mpp * downsample),) * 2, **opts)
+            if max(level.shape[:2]) <= 1024:
+                break
+            level = cv2.resize(level, (-(-level.shape[1] // 4), -(-level.shape[0] // 4)),
+                               interpolation=cv2.INTER_AREA)
+            downsample *= 4
+    return labels
+
+
+# Colours (RGB) of H&E: haematoxylin-dark nuclei, eosin-pink cytoplasm and stroma.
+_BASE = {
+    1: (222, 158, 200),  # tumour: purple-pink cytoplasm
+    2: (238, 170, 196),  # stroma: eosin pink
+    3: (226, 196, 222),  # lymphocytes: pale background between nuclei
+    4: (214, 182, 196),  # necrosis: pale, washed-out
+    5: (244, 230, 240),  # fat: empty vacuoles
+}
+
+
+def _render_stripe(labels: np.ndarray, y0: int, sh: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """RGB uint8 [sh, w, 3] for rows y0..y0+sh of level 0."""
+    ly0, ly1 = y0 // LABEL_PX, -(-(y0 + sh) // LABEL_PX)
+    lab = labels[ly0:ly1]
+    lab = np.repeat(np.repeat(lab, LABEL_PX, 0), LABEL_PX, 1)
+    off = y0 - ly0 * LABEL_PX
+    lab = lab[off : off + sh, :w]
+    img = np.empty((sh, w, 3), np.float32)
+    img[:] = (243, 241, 244)  # glass
+    for cls in np.unique(lab):
+        if cls == 0:
+            continue
+        mask = lab == cls
+        cols = np.flatnonzero(mask.any(0))
+        x0, x1 = cols[0], cols[-1] + 1  # render only the columns where this class is
+        tex = _TEXTURES[int(cls)]((sh, x1 - x0), rng)
+        sub = img[:, x0:x1]
+        sub[mask[:, x0:x1]] = tex[mask[:, x0:x1]]
+    img += 3.0 * rng.standard_normal(img.shape[:2], dtype=np.float32)[..., None]
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _nuclei(shape, density, radius, rng, elongate=1.0) -> np.ndarray:
+    """Soft mask [h, w] in 0..1 of roughly round nuclei centred on random points."""
+    pts = (rng.random(shape, dtype=np.float32) < density).astype(np.uint8)
+    r = max(1, int(radius))
+    kx, ky = int(round(r * elongate)), r
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * kx + 1, 2 * ky + 1))
+    mask = cv2.dilate(pts, kernel).astype(np.float32)
+    return cv2.GaussianBlur(mask, (0, 0), 0.8)
+
+
+def _paint(img: np.ndarray, alpha: np.ndarray, color, strength=1.0) -> np.ndarray:
+    a = (alpha * strength)[..., None]
+    return img * (1 - a) + np.asarray(color, np.float32) * a
+
+
+def _base(shape, cls, rng, mottle=8.0) -> np.ndarray:
+    img = np.empty((*shape, 3), np.float32)
+    img[:] = _BASE[cls]
+    return img + mottle * _smooth_noise(shape, 12, rng)[..., None]
+
+
+def _tumour(shape, rng):
+    img = _base(shape, 1, rng)
+    img = _paint(img, _nuclei(shape, 1 / 260, 6, rng), (92, 46, 138), 0.9)
+    return _paint(img, _nuclei(shape, 1 / 900, 8, rng), (70, 34, 120), 0.9)
+
+
+def _stroma(shape, rng):
+    img = _base(shape, 2, rng, 4.0)
+    fibres = cv2.GaussianBlur(rng.standard_normal(shape, dtype=np.float32), (0, 0), sigmaX=9, sigmaY=1.2)
+    img += 90 * fibres[..., None] * np.array([0.2, 0.6, 0.4], np.float32)
+    return _paint(img, _nuclei(shape, 1 / 2500, 3, rng, elongate=2.5), (105, 55, 145), 0.8)
+
+
+def _lymphocytes(shape, rng):
+    img = _base(shape, 3, rng)
+    return _paint(img, _nuclei(shape, 1 / 70, 3, rng), (48, 28, 105), 0.95)
+
+
+def _necrosis(shape, rng):
+    img = _base(shape, 4, rng, 14.0)
+    return _paint(img, _nuclei(shape, 1 / 180, 1, rng), (125, 70, 135), 0.7)
+
+
+def _fat(shape, rng):
+    img = _base(shape, 5, rng, 2.0)
+    h, w = shape
+    membranes = np.zeros(shape, np.uint8)
+    n = max(1, int(h * w / 1200))
+    xs, ys = rng.integers(0, w, n), rng.integers(0, h, n)
+    rs = rng.integers(18, 34, n)
+    for x, y, r in zip(xs, ys, rs, strict=True):
+        cv2.circle(membranes, (int(x), int(y)), int(r), 1, 2)
+    return _paint(img, cv2.GaussianBlur(membranes.astype(np.float32), (0, 0), 0.8), (215, 130, 175))
+
+
+_TEXTURES = {1: _tumour, 2: _stroma, 3: _lymphocytes, 4: _necrosis, 5: _fat}
+
+
+def load_truth(cohort: str | Path) -> tuple[pd.DataFrame, dict]:
+    """Ground truth of a synthetic cohort: (patients table, per-slide info)."""
+    cohort = Path(cohort)
+    patients = pd.read_csv(cohort / "truth" / "patients.csv", dtype={"patient_id": str})
+    slides = json.loads((cohort / "truth" / "slides.json").read_text())
+    return patients, slides

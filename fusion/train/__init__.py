@@ -1,0 +1,1 @@
+"""Training: patient bags and batching, patient-level CV splits, the fit loop, checkpoints."""

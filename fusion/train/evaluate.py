@@ -1,0 +1,61 @@
+"""Cross-validated evaluation of a trained model's out-of-fold predictions.
+
+For a synthetic cohort, the oracle C-index (the true risk ranked on the same test folds) is the
+ceiling a model is measured against.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from fusion.cohort import Cohort
+from fusion.storage import write_json
+from fusion.survival import concordance
+
+
+def evaluate_predictions(model_dir: str | Path, cohort: Cohort) -> dict:
+    """Per-fold and mean C-index of `model_dir/predictions.parquet` (+ oracle when known)."""
+    model_dir = Path(model_dir)
+    preds = pd.read_parquet(model_dir / "predictions.parquet")
+    truth = _truth(cohort)
+    rows = []
+    for fold, p in preds.groupby("fold"):
+        row = {"fold": int(fold), "n": len(p), "events": int(p.event.sum()),
+               "c_index": concordance(p.time, p.event, p.risk)}
+        if truth is not None:
+            row["oracle_c_index"] = concordance(p.time, p.event, truth.loc[p.patient_id].to_numpy())
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    result = {"model": model_dir.name, "folds": rows,
+              "c_index_mean": float(table.c_index.mean()), "c_index_sd": float(table.c_index.std(ddof=1)),
+              "pooled_c_index": concordance(preds.time, preds.event, preds.risk)}
+    if truth is not None:
+        result["oracle_c_index_mean"] = float(table.oracle_c_index.mean())
+        result["oracle_c_index_sd"] = float(table.oracle_c_index.std(ddof=1))
+        result["fraction_of_oracle"] = result["c_index_mean"] / result["oracle_c_index_mean"]
+    write_json(model_dir / "evaluation.json", result)
+    return result
+
+
+def _truth(cohort: Cohort) -> pd.Series | None:
+    path = cohort.root / "truth" / "patients.csv"
+    if not path.exists():
+        return None
+    t = pd.read_csv(path, dtype={"patient_id": str})
+    if "true_risk" not in t:
+        return None
+    return t.set_index("patient_id")["true_risk"].astype(float)
+
+
+def format_evaluation(result: dict) -> str:
+    line = (f"{result['model']}: C-index {result['c_index_mean']:.3f} ± {result['c_index_sd']:.3f}"
+            " (mean ± sd over folds)")
+    if "oracle_c_index_mean" in result:
+        line += (f"; oracle {result['oracle_c_index_mean']:.3f} ± {result['oracle_c_index_sd']:.3f}"
+                 f" ({100 * result['fraction_of_oracle']:.0f}% of oracle)")
+    return line
+
+
+__all__ = ["evaluate_predictions", "format_evaluation"]

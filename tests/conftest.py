@@ -1,0 +1,41 @@
+"""Shared fixtures: small cohorts synthesised on the fly (no files ship with the tests)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from fusion.synth import SynthConfig, synthesize_cohort  # noqa: E402
+
+# A strong image signal (the genomic part is small) so image-only models have something to find.
+TINY = SynthConfig(patients=60, seed=7, slide_px=2048, extra_slide_prob=0.15,
+                   risk_weights=(1.5, 0.3, 0.1, 0.0), region_um=80.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory) -> Path:
+    """60 patients, ~70 slides of 2048 x 1536 px at 0.5 um/px."""
+    return synthesize_cohort(tmp_path_factory.mktemp("tiny") / "cohort", TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_cohort, tmp_path_factory) -> Path:
+    """The tiny cohort tiled and featurised with `morph` (shared, read-only for tests)."""
+    from fusion.run import init_run
+    from fusion.stages import build_encoders, extract_one, slide_rows, tile_one
+    from fusion.wsi import TilingConfig
+
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    layout = init_run(run, tiny_cohort)
+    from fusion.cohort import load_cohort
+
+    cohort = load_cohort(tiny_cohort)
+    encoders = build_encoders(["morph"])
+    for sid, path in slide_rows(cohort):
+        assert tile_one(layout, sid, path, TilingConfig())["status"] == "done"
+        assert extract_one(layout, sid, path, encoders)["status"] == "done"
+    return run

@@ -1,0 +1,42 @@
+import shutil
+
+import pandas as pd
+from typer.testing import CliRunner
+
+from fusion.cli import app
+
+runner = CliRunner()
+
+
+def test_validate_ok_and_bad(tiny_cohort, tmp_path):
+    ok = runner.invoke(app, ["cohort", "validate", str(tiny_cohort)])
+    assert ok.exit_code == 0 and "60 patients" in ok.output
+
+    bad = tmp_path / "cohort"
+    shutil.copytree(tiny_cohort, bad, ignore=shutil.ignore_patterns("truth"))
+    patients = pd.read_csv(bad / "patients.csv")
+    patients.loc[0, "os_months"] = -1
+    patients.to_csv(bad / "patients.csv", index=False)
+    result = runner.invoke(app, ["cohort", "validate", str(bad)])
+    assert result.exit_code == 2
+    assert "line 2: os_months is negative" in result.output
+
+
+def test_doctor_reports_the_environment():
+    result = runner.invoke(app, ["doctor"])
+    assert result.exit_code == 0
+    for word in ("openslide", "torch", "prefect", "morph", "abmil"):
+        assert word in result.output
+
+
+def test_stage_commands_on_a_small_cohort(tiny_cohort, tmp_path):
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["tile", str(tiny_cohort), "--out", str(run)]).exit_code == 0
+    extract = runner.invoke(app, ["extract", str(run)])
+    assert extract.exit_code == 0, extract.output
+    train = runner.invoke(app, ["train", str(run), "--folds", "3", "--epochs", "5"])
+    assert train.exit_code == 0, train.output
+    assert "C-index" in train.output and "oracle" in train.output
+    assert runner.invoke(app, ["evaluate", str(run)]).exit_code == 0
+    missing = runner.invoke(app, ["train", str(tmp_path / "nothing")])
+    assert missing.exit_code == 2 and "not a run folder" in missing.output

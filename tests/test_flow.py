@@ -1,0 +1,51 @@
+"""The Prefect flow end to end on the tiny cohort, and a rerun that redoes nothing."""
+
+import json
+
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.pipeline import pipeline
+from fusion.storage import Ledger
+from fusion.train.loop import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_pipeline_runs_and_resumes(tiny_cohort, tmp_path, prefect_server):
+    run = tmp_path / "run"
+    config = TrainConfig(folds=3, epochs=15, patience=5)
+    summary = pipeline(str(tiny_cohort), str(run), train=config)
+    n_slides = summary["slides"]
+    assert summary["tiles"] > 500 and not summary["failed"]
+    assert (run / "summary.json").exists()
+    assert json.loads((run / "models" / "abmil" / "evaluation.json").read_text())["c_index_mean"] > 0.55
+    assert len(list((run / "features" / "morph").glob("*.h5"))) == n_slides
+    assert len(list((run / "tiles").glob("*.tissue.png"))) == n_slides
+
+    again = pipeline(str(tiny_cohort), str(run), train=config)
+    assert again["slides_skipped"] == {"tile": n_slides, "extract": n_slides}
+    entries = Ledger(run / "ledger.jsonl").entries()
+    second_half = entries[len(entries) // 2 :]
+    assert all(e["status"] == "skipped" for e in second_half if e["step"] in ("tile", "extract"))
+
+
+def test_a_corrupt_slide_fails_alone(tiny_cohort, tmp_path, prefect_server):
+    import shutil
+
+    import pandas as pd
+
+    cohort = tmp_path / "cohort"
+    shutil.copytree(tiny_cohort, cohort)
+    slides = pd.read_csv(cohort / "slides.csv")
+    bad = cohort / slides.path[0]
+    bad.write_bytes(bad.read_bytes()[:4000])
+    summary = pipeline(str(cohort), str(tmp_path / "run"), train=TrainConfig(folds=3, epochs=3, patience=3))
+    assert [f["slide_id"] for f in summary["failed"]] == [slides.slide_id[0]]
+    assert str(bad) in summary["failed"][0]["error"]
+    failed = [e for e in Ledger(tmp_path / "run" / "ledger.jsonl").entries() if e["status"] == "failed"]
+    assert [e["item"] for e in failed] == [slides.slide_id[0]]

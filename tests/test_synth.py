@@ -1,0 +1,40 @@
+import cv2
+import numpy as np
+import openslide
+import pandas as pd
+from scipy.stats import spearmanr
+
+from fusion.synth import MORPHOLOGIES, SynthConfig, _patients, load_truth
+
+
+def test_slides_are_pyramidal_tiffs_that_openslide_reads(tiny_cohort):
+    slides = pd.read_csv(tiny_cohort / "slides.csv")
+    with openslide.OpenSlide(str(tiny_cohort / slides.path[0])) as s:
+        assert s.properties["openslide.vendor"] == "generic-tiff"
+        assert float(s.properties["openslide.mpp-x"]) == 0.5
+        assert s.level_count >= 2 and s.level_downsamples[1] == 4.0
+        assert s.dimensions == (2048, 1536)
+        tile = np.asarray(s.read_region((0, 0), 0, (256, 256)))
+        assert tile.shape == (256, 256, 4)
+
+
+def test_truth_beside_the_cohort(tiny_cohort):
+    truth, slides = load_truth(tiny_cohort)
+    assert {"true_risk", "z_img", *(f"prop_{m}" for m in MORPHOLOGIES)} <= set(truth.columns)
+    sid = next(iter(slides))
+    labels = cv2.imread(str(tiny_cohort / "truth" / f"{sid}.labels.png"), cv2.IMREAD_UNCHANGED)
+    assert labels.shape == (1536 // 8, 2048 // 8)
+    assert set(np.unique(labels)) <= set(range(len(MORPHOLOGIES) + 1))
+    assert 0.1 < (labels > 0).mean() < 0.9  # tissue on glass
+
+
+def test_outcomes_follow_the_hidden_state():
+    rng = np.random.default_rng(0)
+    patients, truth, _ = _patients(SynthConfig(patients=3000), rng)
+    events = patients.os_event.to_numpy()
+    assert 0.2 < events.mean() < 0.5  # events are a minority, as in ER+ cohorts
+    # Higher true risk -> shorter time among events; tumour share rises with z_img.
+    ev = events == 1
+    assert spearmanr(truth.true_risk[ev], patients.os_months[ev])[0] < -0.3
+    assert spearmanr(truth.z_img, truth.prop_tumour)[0] > 0.9
+    assert spearmanr(truth.z_img, truth.prop_lymphocytes)[0] < -0.9
