@@ -1,5 +1,5 @@
-"""The whole pipeline as one Prefect flow: per-slide tasks for tiling and extraction, then
-cross-validated training and evaluation.
+"""The whole pipeline as one Prefect flow: the tiling subflow and per-slide extraction tasks,
+then cross-validated training and evaluation.
 
 Resuming is the library's job (every stage skips work whose inputs hash matches what is on
 disk), so the tasks need no Prefect result persistence and the flow reruns cheaply; Prefect
@@ -14,21 +14,13 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.tiling import tile_cohort
 from fusion.run import init_run, open_run
-from fusion.stages import build_encoders, evaluate_stage, extract_one, slide_rows, tile_one, train_stage
+from fusion.stages import build_encoders, evaluate_stage, extract_one, slide_rows, train_stage
 from fusion.storage import write_json
 from fusion.train.evaluate import format_evaluation
 from fusion.train.loop import TrainConfig
 from fusion.wsi import TilingConfig
-
-
-@task(name="tile-slide", task_run_name="tile-{slide_id}", cache_policy=NO_CACHE)
-def tile_slide_task(run: str, slide_id: str, path: str, tiling: TilingConfig, mpp: float | None) -> dict:
-    layout, _ = open_run(run)
-    result = tile_one(layout, slide_id, path, tiling, mpp)
-    if result["status"] == "failed":
-        get_run_logger().warning("slide %s failed: %s", slide_id, result["error"])
-    return result
 
 
 @task(name="extract-slide", task_run_name="extract-{slide_id}", cache_policy=NO_CACHE)
@@ -70,8 +62,7 @@ def pipeline(
     _, cohort_obj = open_run(run)
     slides = slide_rows(cohort_obj)
 
-    tile_futures = [tile_slide_task.submit(run, sid, path, tiling, mpp) for sid, path in slides]
-    tiled = [f.result() for f in tile_futures]
+    tiled = tile_cohort(cohort, run, tiling, mpp)
     ok = [(sid, path) for (sid, path), r in zip(slides, tiled, strict=True) if r["status"] != "failed"]
     extract_futures = [extract_slide_task.submit(run, sid, path, [train.encoder]) for sid, path in ok]
     extracted = [f.result() for f in extract_futures]

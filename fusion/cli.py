@@ -41,6 +41,9 @@ def synth(
     mpp: Annotated[float, typer.Option(help="Microns per pixel at level 0 (0.5 = 20x, 0.25 = 40x).")] = 0.5,
     missing_genomics: Annotated[float, typer.Option(help="Fraction of patients without genomics.")] = 0.0,
     missing_slides: Annotated[float, typer.Option(help="Fraction of patients without slides.")] = 0.0,
+    pen_prob: Annotated[float, typer.Option(help="Chance that a slide carries pen marks.")] = 0.3,
+    debris: Annotated[int, typer.Option(help="Specks of debris on each slide's glass.")] = 6,
+    region_um: Annotated[float, typer.Option(help="Size scale of morphology regions, um.")] = 120.0,
     workers: Annotated[int, typer.Option(help="Processes rendering slides.")] = 2,
 ) -> None:
     """Generate a synthetic cohort: pyramidal H&E-like slides, genomics, clinical data, outcomes.
@@ -50,7 +53,8 @@ def synth(
     from fusion.synth import SynthConfig, synthesize_cohort
 
     config = SynthConfig(patients=patients, seed=seed, slide_px=slide_px, mpp=mpp,
-                         missing_genomics=missing_genomics, missing_slides=missing_slides, workers=workers)
+                         missing_genomics=missing_genomics, missing_slides=missing_slides, workers=workers,
+                         pen_prob=pen_prob, debris=debris, region_um=region_um)
     with console.status(f"rendering {patients} patients' slides into {out}"):
         synthesize_cohort(out, config)
     console.print(f"cohort written to [bold]{out}[/]")
@@ -74,35 +78,76 @@ def cohort_validate(folder: Annotated[Path, typer.Argument(help="Cohort folder w
 def tile(
     cohort: Annotated[Path, typer.Argument(help="Cohort folder.")],
     out: Annotated[Path, typer.Option(help="Run folder (created if missing).")],
-    target_mpp: Annotated[float, typer.Option(help="Tile resolution in um/px (0.5 ~ 20x).")] = 0.5,
+    target_mpp: Annotated[float, typer.Option(help="Tile resolution in um/px (0.5 ~ 20x, 0.25 ~ 40x).")] = 0.5,
+    magnification: Annotated[float | None, typer.Option(help="Target magnification instead of --target-mpp "
+                                                        "(20 -> 0.5 um/px).")] = None,
     patch_size: Annotated[int, typer.Option(help="Tile size in pixels at the target resolution.")] = 256,
     min_tissue: Annotated[float, typer.Option(help="Minimum fraction of tissue in a tile.")] = 0.5,
     overlap: Annotated[float, typer.Option(help="Fraction of a tile shared with its neighbour.")] = 0.0,
-    mpp: Annotated[float | None, typer.Option(help="Override the slides' level-0 um/px.")] = None,
+    preset: Annotated[str, typer.Option(help="Tissue detection preset: resection, biopsy, strict.")] = "resection",
+    tissue: Annotated[list[str], typer.Option(help="Override a tissue parameter, e.g. "
+                                              "--tissue close_um=32 (repeatable).")] = [],
+    mpp: Annotated[float | None, typer.Option(help="Override the slides' level-0 um/px (for slides "
+                                              "without resolution metadata).")] = None,
+    workers: Annotated[int, typer.Option(help="Slides tiled at once.")] = 2,
+    local: Annotated[bool, typer.Option(help="Run in this process without Prefect.")] = False,
 ) -> None:
-    """Find tissue and cut each slide into a tile grid (coords .h5 + QC picture per slide)."""
-    from fusion.run import init_run, open_run
-    from fusion.stages import slide_rows, tile_one
+    """Find tissue and cut each slide into a tile grid (coords .h5 + QC picture per slide).
+
+    Runs as a Prefect flow with one task per slide; a rerun skips slides already tiled with the
+    same content and parameters. A slide that cannot be read is reported and the others go on.
+    """
     from fusion.wsi import TilingConfig
+    from fusion.wsi.tissue import preset as tissue_preset
 
     try:
-        config = TilingConfig(target_mpp=target_mpp, patch_size=patch_size, min_tissue=min_tissue,
-                              overlap=overlap)
-        init_run(out, cohort)
-        layout, c = open_run(out)
+        overrides = dict(_parse_override(t) for t in tissue)
+        config = TilingConfig(target_mpp=10.0 / magnification if magnification else target_mpp,
+                              patch_size=patch_size, min_tissue=min_tissue, overlap=overlap,
+                              tissue=tissue_preset(preset, **overrides))
+        if local:
+            results = _tile_locally(cohort, out, config, mpp)
+        else:
+            from prefect.task_runners import ThreadPoolTaskRunner
+
+            from flows.tiling import tile_cohort
+
+            flow = tile_cohort.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
+            results = flow(str(cohort), str(out), config, mpp)
     except (FusionError, ValueError) as e:
         _fail(e)
+    _report(results, "tiles")
+
+
+def _parse_override(text: str) -> tuple[str, float | bool]:
+    if "=" not in text:
+        raise ValueError(f"--tissue takes NAME=VALUE, got '{text}'")
+    name, value = text.split("=", 1)
+    if value.lower() in ("true", "false"):
+        return name.strip(), value.lower() == "true"
+    try:
+        return name.strip(), float(value)
+    except ValueError:
+        raise ValueError(f"--tissue {name}: '{value}' is not a number") from None
+
+
+def _tile_locally(cohort: Path, out: Path, config, mpp: float | None) -> list[dict]:
+    from fusion.run import init_run, open_run
+    from fusion.stages import slide_rows, tile_one
+
+    init_run(out, cohort)
+    layout, c = open_run(out)
     results = []
     with _progress() as progress:
         for sid, path in progress.track(slide_rows(c), description="tiling slides"):
             results.append(tile_one(layout, sid, path, config, mpp))
-    _report(results, "tiles")
+    return results
 
 
 @app.command()
 def extract(
     run: Annotated[Path, typer.Argument(help="Run folder (after `fusion tile`).")],
-    encoder: Annotated[list[str], typer.Option(help="Encoder name; repeat for several in one pass.")] = ["morph"],  # noqa: B006
+    encoder: Annotated[list[str], typer.Option(help="Encoder name; repeat for several in one pass.")] = ["morph"],
     batch_size: Annotated[int, typer.Option(help="Tiles per batch.")] = 128,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes reading tiles.")] = 0,
 ) -> None:

@@ -15,8 +15,9 @@ streamed to the writer, so the size is limited by disk, not memory.
 
 Ground truth lives in `<cohort>/truth/`, never in the tables the models read:
   truth/patients.csv          true risk, hidden states, morphology proportions per patient;
-  truth/<slide_id>.labels.png uint8 morphology map (0 = glass, 1.. = MORPHOLOGIES), one pixel per
-                              `label_px` level-0 pixels; tissue mask = labels > 0;
+  truth/<slide_id>.labels.png uint8 label map, one pixel per `label_px` level-0 pixels:
+                              0 glass, 1..5 MORPHOLOGIES, 6 pen ink, 7 debris;
+                              tissue mask = 1 <= labels <= 5;
   truth/slides.json           per slide: label_px, level-0 size, mpp.
 """
 
@@ -40,6 +41,7 @@ MORPHOLOGIES = ("tumour", "stroma", "lymphocytes", "necrosis", "fat")
 _MORPH_SLOPE = np.array([0.9, 0.0, -0.9, 0.8, -0.3])
 _MORPH_BASE = np.log(np.array([0.25, 0.30, 0.20, 0.08, 0.17]))
 PATHWAYS = ("PROLIF", "IMMUNE", "ER_SIGNAL", "EMT", "HYPOXIA", "DNA_REPAIR", "MAPK", "WNT")
+PEN, DEBRIS = 6, 7  # labels of artefacts that are not tissue
 TILE = 256  # TIFF tile size
 LABEL_PX = 8  # level-0 pixels per ground-truth label pixel
 WEIBULL_SHAPE = 1.3
@@ -60,6 +62,8 @@ class SynthConfig:
     jpeg_quality: int = 85
     workers: int = 2
     region_um: float = 120.0  # correlation length of morphology regions (blobs ~2.5x this)
+    pen_prob: float = 0.3  # chance that a slide carries pen marks
+    debris: int = 6  # specks of dust/debris on the glass per slide
     # Weights of the true log-hazard: image state, genomic state, grade, age (per year).
     risk_weights: tuple[float, float, float, float] = (1.0, 0.7, 0.25, 0.02)
 
@@ -180,15 +184,15 @@ def _slide_table(config: SynthConfig, ids: list[str], rng: np.random.Generator) 
 
 def _render_job(job) -> tuple[str, dict]:
     path, sid, props, seed, config = job
-    labels = render_slide(path, props, config.slide_px, config.mpp, seed, config.jpeg_quality,
-                          config.region_um)
+    labels, ink = render_slide(path, props, seed, config)
     truth_dir = Path(path).parent.parent / "truth"
     ok, png = cv2.imencode(".png", labels)
     with atomic_path(truth_dir / f"{sid}.labels.png") as tmp:
         tmp.write_bytes(png.tobytes())
     h, w = _slide_shape(config.slide_px)
-    return sid, {"label_px": LABEL_PX, "width": w, "height": h, "mpp": config.mpp,
-                 "morphologies": list(MORPHOLOGIES)}
+    return sid, {"label_px": LABEL_PX, "width": w, "height": h, "mpp": config.mpp, "ink": ink,
+                 "labels": {"0": "glass", **{str(k + 1): m for k, m in enumerate(MORPHOLOGIES)},
+                            str(PEN): "pen", str(DEBRIS): "debris"}}
 
 
 def _slide_shape(slide_px: int) -> tuple[int, int]:
@@ -238,18 +242,21 @@ def _smooth_noise(shape: tuple[int, int], sigma: float, rng: np.random.Generator
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
-def render_slide(path: str | Path, props: np.ndarray, slide_px: int, mpp: float, seed: int,
-                 quality: int = 85, region_um: float = 120.0) -> np.ndarray:
-    """Render one slide to `path` (pyramidal tiled JPEG TIFF) and return its label map."""
+def render_slide(path: str | Path, props: np.ndarray, seed: int, config: SynthConfig) -> tuple[np.ndarray, str | None]:
+    """Render one slide to `path` (pyramidal tiled JPEG TIFF); return (label map, ink or None)."""
     rng = np.random.default_rng(seed)
-    h, w = _slide_shape(slide_px)
+    h, w = _slide_shape(config.slide_px)
+    mpp, quality = config.mpp, config.jpeg_quality
+    label_um = mpp * LABEL_PX
     labels = morphology_map((-(-h // LABEL_PX), -(-w // LABEL_PX)), props, rng,
-                            region_px=region_um / (mpp * LABEL_PX))
+                            region_px=config.region_um / label_um)
+    ink = add_artefacts(labels, rng, label_um, config.pen_prob, config.debris)
+    textures = make_textures(mpp, ink or "blue")
     lower: list[np.ndarray] = []  # level-1 stripes, filled while level 0 streams out
 
     def level0_tiles():
         for y0 in range(0, h, TILE):
-            stripe = _render_stripe(labels, y0, min(TILE, h - y0), w, rng)
+            stripe = _render_stripe(labels, y0, min(TILE, h - y0), w, rng, textures)
             lower.append(cv2.resize(stripe, (-(-w // 4), -(-stripe.shape[0] // 4)),
                                     interpolation=cv2.INTER_AREA))
             padded = np.full((TILE, -(-w // TILE) * TILE, 3), 255, np.uint8)
@@ -272,7 +279,33 @@ def render_slide(path: str | Path, props: np.ndarray, slide_px: int, mpp: float,
             level = cv2.resize(level, (-(-level.shape[1] // 4), -(-level.shape[0] // 4)),
                                interpolation=cv2.INTER_AREA)
             downsample *= 4
-    return labels
+    return labels, ink
+
+
+def add_artefacts(labels: np.ndarray, rng: np.random.Generator, label_um: float, pen_prob: float,
+                  debris: int) -> str | None:
+    """Draw pen ink and glass debris into `labels` (in place); return the ink colour used.
+
+    Pen strokes are arcs around the tissue, as a pathologist circles a region; where they cross
+    tissue, the ink hides it (truth: not tissue). Debris are specks of 20-80 um on the glass,
+    smaller than any tissue piece a tiler should keep.
+    """
+    h, w = labels.shape
+    ink = None
+    if rng.random() < pen_prob:
+        ink = str(rng.choice(list(INKS)))
+        for _ in range(int(rng.integers(1, 3))):
+            centre = (int(w * rng.uniform(0.45, 0.55)), int(h * rng.uniform(0.45, 0.55)))
+            axes = (int(w * rng.uniform(0.40, 0.46)), int(h * rng.uniform(0.38, 0.44)))
+            start = rng.uniform(0, 360)
+            thickness = max(1, int(rng.uniform(100, 200) / label_um))
+            cv2.ellipse(labels, centre, axes, 0, start, start + rng.uniform(60, 160), PEN, thickness)
+    # Debris lies on open glass, at least 150 um from tissue and ink.
+    far = cv2.distanceTransform((labels == 0).astype(np.uint8), cv2.DIST_L2, 5) * label_um > 150
+    glass = np.argwhere(far)
+    for y, x in glass[rng.choice(len(glass), min(debris, len(glass)), replace=False)] if len(glass) else []:
+        cv2.circle(labels, (int(x), int(y)), max(1, int(rng.uniform(10, 40) / label_um)), DEBRIS, -1)
+    return ink
 
 
 # Colours (RGB) of H&E: haematoxylin-dark nuclei, eosin-pink cytoplasm and stroma.
@@ -281,11 +314,14 @@ _BASE = {
     2: (238, 170, 196),  # stroma: eosin pink
     3: (226, 196, 222),  # lymphocytes: pale background between nuclei
     4: (214, 182, 196),  # necrosis: pale, washed-out
-    5: (244, 230, 240),  # fat: empty vacuoles
+    5: (247, 240, 245),  # fat: empty adipocytes
 }
+GLASS = (243, 241, 244)
+INKS = {"blue": (45, 70, 165), "green": (40, 125, 80), "black": (38, 36, 42)}
 
 
-def _render_stripe(labels: np.ndarray, y0: int, sh: int, w: int, rng: np.random.Generator) -> np.ndarray:
+def _render_stripe(labels: np.ndarray, y0: int, sh: int, w: int, rng: np.random.Generator,
+                   textures: dict) -> np.ndarray:
     """RGB uint8 [sh, w, 3] for rows y0..y0+sh of level 0."""
     ly0, ly1 = y0 // LABEL_PX, -(-(y0 + sh) // LABEL_PX)
     lab = labels[ly0:ly1]
@@ -293,14 +329,14 @@ def _render_stripe(labels: np.ndarray, y0: int, sh: int, w: int, rng: np.random.
     off = y0 - ly0 * LABEL_PX
     lab = lab[off : off + sh, :w]
     img = np.empty((sh, w, 3), np.float32)
-    img[:] = (243, 241, 244)  # glass
+    img[:] = GLASS
     for cls in np.unique(lab):
         if cls == 0:
             continue
         mask = lab == cls
         cols = np.flatnonzero(mask.any(0))
         x0, x1 = cols[0], cols[-1] + 1  # render only the columns where this class is
-        tex = _TEXTURES[int(cls)]((sh, x1 - x0), rng)
+        tex = textures[int(cls)]((sh, x1 - x0), rng)
         sub = img[:, x0:x1]
         sub[mask[:, x0:x1]] = tex[mask[:, x0:x1]]
     img += 3.0 * rng.standard_normal(img.shape[:2], dtype=np.float32)[..., None]
@@ -310,7 +346,7 @@ def _render_stripe(labels: np.ndarray, y0: int, sh: int, w: int, rng: np.random.
 def _nuclei(shape, density, radius, rng, elongate=1.0) -> np.ndarray:
     """Soft mask [h, w] in 0..1 of roughly round nuclei centred on random points."""
     pts = (rng.random(shape, dtype=np.float32) < density).astype(np.uint8)
-    r = max(1, int(radius))
+    r = max(1, int(round(radius)))
     kx, ky = int(round(r * elongate)), r
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * kx + 1, 2 * ky + 1))
     mask = cv2.dilate(pts, kernel).astype(np.float32)
@@ -322,48 +358,58 @@ def _paint(img: np.ndarray, alpha: np.ndarray, color, strength=1.0) -> np.ndarra
     return img * (1 - a) + np.asarray(color, np.float32) * a
 
 
-def _base(shape, cls, rng, mottle=8.0) -> np.ndarray:
+def _base(shape, color, rng, mottle=8.0, scale=1.0) -> np.ndarray:
     img = np.empty((*shape, 3), np.float32)
-    img[:] = _BASE[cls]
-    return img + mottle * _smooth_noise(shape, 12, rng)[..., None]
+    img[:] = color
+    return img + mottle * _smooth_noise(shape, 12 * scale, rng)[..., None]
 
 
-def _tumour(shape, rng):
-    img = _base(shape, 1, rng)
-    img = _paint(img, _nuclei(shape, 1 / 260, 6, rng), (92, 46, 138), 0.9)
-    return _paint(img, _nuclei(shape, 1 / 900, 8, rng), (70, 34, 120), 0.9)
+def make_textures(mpp: float, ink: str = "blue") -> dict:
+    """Texture painters per label, sized in microns: `s` is pixels per 0.5 um, so a 40x
+    (0.25 um/px) slide shows the same cells twice as large in pixels as a 20x one."""
+    s = 0.5 / mpp
 
+    def tumour(shape, rng):
+        img = _base(shape, _BASE[1], rng, scale=s)
+        img = _paint(img, _nuclei(shape, 1 / (260 * s * s), 6 * s, rng), (92, 46, 138), 0.9)
+        return _paint(img, _nuclei(shape, 1 / (900 * s * s), 8 * s, rng), (70, 34, 120), 0.9)
 
-def _stroma(shape, rng):
-    img = _base(shape, 2, rng, 4.0)
-    fibres = cv2.GaussianBlur(rng.standard_normal(shape, dtype=np.float32), (0, 0), sigmaX=9, sigmaY=1.2)
-    img += 90 * fibres[..., None] * np.array([0.2, 0.6, 0.4], np.float32)
-    return _paint(img, _nuclei(shape, 1 / 2500, 3, rng, elongate=2.5), (105, 55, 145), 0.8)
+    def stroma(shape, rng):
+        img = _base(shape, _BASE[2], rng, 4.0, scale=s)
+        noise = rng.standard_normal(shape, dtype=np.float32)
+        fibres = cv2.GaussianBlur(noise, (0, 0), sigmaX=9 * s, sigmaY=1.2 * s) * np.sqrt(s)
+        img += 90 * fibres[..., None] * np.array([0.2, 0.6, 0.4], np.float32)
+        return _paint(img, _nuclei(shape, 1 / (2500 * s * s), 3 * s, rng, elongate=2.5), (105, 55, 145), 0.8)
 
+    def lymphocytes(shape, rng):
+        img = _base(shape, _BASE[3], rng, scale=s)
+        return _paint(img, _nuclei(shape, 1 / (70 * s * s), 3 * s, rng), (48, 28, 105), 0.95)
 
-def _lymphocytes(shape, rng):
-    img = _base(shape, 3, rng)
-    return _paint(img, _nuclei(shape, 1 / 70, 3, rng), (48, 28, 105), 0.95)
+    def necrosis(shape, rng):
+        img = _base(shape, _BASE[4], rng, 14.0, scale=s)
+        return _paint(img, _nuclei(shape, 1 / (180 * s * s), 1 * s, rng), (125, 70, 135), 0.7)
 
+    def fat(shape, rng):
+        # Adipocytes 50-100 um across: empty cells behind thin eosin membranes.
+        img = _base(shape, _BASE[5], rng, 2.0, scale=s)
+        h, w = shape
+        membranes = np.zeros(shape, np.uint8)
+        n = max(1, int(h * w / (3500 * s * s)))
+        xs, ys = rng.integers(0, w, n), rng.integers(0, h, n)
+        rs = rng.integers(int(50 * s), int(100 * s), n)
+        thickness = max(1, int(round(4 * s)))
+        for x, y, r in zip(xs, ys, rs, strict=True):
+            cv2.circle(membranes, (int(x), int(y)), int(r), 1, thickness)
+        return _paint(img, cv2.GaussianBlur(membranes.astype(np.float32), (0, 0), 0.8 * s), (212, 128, 172))
 
-def _necrosis(shape, rng):
-    img = _base(shape, 4, rng, 14.0)
-    return _paint(img, _nuclei(shape, 1 / 180, 1, rng), (125, 70, 135), 0.7)
+    def pen(shape, rng):
+        img = _base(shape, INKS[ink], rng, 10.0, scale=4 * s)
+        return img
 
+    def debris(shape, rng):
+        return _base(shape, (150, 135, 125), rng, 12.0, scale=s)
 
-def _fat(shape, rng):
-    img = _base(shape, 5, rng, 2.0)
-    h, w = shape
-    membranes = np.zeros(shape, np.uint8)
-    n = max(1, int(h * w / 1200))
-    xs, ys = rng.integers(0, w, n), rng.integers(0, h, n)
-    rs = rng.integers(18, 34, n)
-    for x, y, r in zip(xs, ys, rs, strict=True):
-        cv2.circle(membranes, (int(x), int(y)), int(r), 1, 2)
-    return _paint(img, cv2.GaussianBlur(membranes.astype(np.float32), (0, 0), 0.8), (215, 130, 175))
-
-
-_TEXTURES = {1: _tumour, 2: _stroma, 3: _lymphocytes, 4: _necrosis, 5: _fat}
+    return {1: tumour, 2: stroma, 3: lymphocytes, 4: necrosis, 5: fat, PEN: pen, DEBRIS: debris}
 
 
 def load_truth(cohort: str | Path) -> tuple[pd.DataFrame, dict]:

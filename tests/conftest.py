@@ -39,3 +39,44 @@ def tiny_run(tiny_cohort, tmp_path_factory) -> Path:
         assert tile_one(layout, sid, path, TilingConfig())["status"] == "done"
         assert extract_one(layout, sid, path, encoders)["status"] == "done"
     return run
+
+
+# Realistic tissue-detection slides: 4 x 3 mm at 20x with pen marks on every slide, and one 40x.
+REALISTIC = SynthConfig(patients=3, seed=11, slide_px=8192, extra_slide_prob=0.0, pen_prob=1.0, debris=8)
+
+
+@pytest.fixture(scope="session")
+def realistic_slides(tmp_path_factory) -> Path:
+    return synthesize_cohort(tmp_path_factory.mktemp("realistic") / "cohort", REALISTIC)
+
+
+@pytest.fixture(scope="session")
+def slide_40x(tmp_path_factory) -> Path:
+    config = SynthConfig(patients=1, seed=12, slide_px=12288, mpp=0.25, extra_slide_prob=0.0, pen_prob=1.0)
+    return synthesize_cohort(tmp_path_factory.mktemp("forty") / "cohort", config)
+
+
+OPENSLIDE_PYTHON = "openslide-python==1.4.7"
+
+
+@pytest.fixture(scope="session")
+def openslide_fixtures() -> Path:
+    """The small real slides that ship in openslide-python's source distribution (Aperio SVS,
+    DICOM, generic TIFF, and deliberately broken files), fetched once from PyPI into .cache/."""
+    import subprocess
+    import sys
+    import tarfile
+
+    cache = Path(__file__).resolve().parent.parent / ".cache" / "openslide-python"
+    fixtures = next(cache.glob("openslide_python-*/tests/fixtures"), None)
+    if fixtures is None:
+        cache.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+               OPENSLIDE_PYTHON, "-d", str(cache)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.fail(f"cannot fetch {OPENSLIDE_PYTHON} sdist for its test slides: {done.stderr[-500:]}")
+        with tarfile.open(next(cache.glob("openslide_python-*.tar.gz"))) as tar:
+            tar.extractall(cache, filter="data")
+        fixtures = next(cache.glob("openslide_python-*/tests/fixtures"))
+    return fixtures

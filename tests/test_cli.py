@@ -31,7 +31,11 @@ def test_doctor_reports_the_environment():
 
 def test_stage_commands_on_a_small_cohort(tiny_cohort, tmp_path):
     run = tmp_path / "run"
-    assert runner.invoke(app, ["tile", str(tiny_cohort), "--out", str(run)]).exit_code == 0
+    tile = runner.invoke(app, ["tile", str(tiny_cohort), "--out", str(run), "--local", "--preset", "biopsy",
+                               "--tissue", "close_um=32"])
+    assert tile.exit_code == 0, tile.output
+    bad = runner.invoke(app, ["tile", str(tiny_cohort), "--out", str(run), "--tissue", "close_um=wide"])
+    assert bad.exit_code == 2 and "'wide' is not a number" in bad.output
     extract = runner.invoke(app, ["extract", str(run)])
     assert extract.exit_code == 0, extract.output
     train = runner.invoke(app, ["train", str(run), "--folds", "3", "--epochs", "5"])

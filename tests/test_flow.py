@@ -49,3 +49,15 @@ def test_a_corrupt_slide_fails_alone(tiny_cohort, tmp_path, prefect_server):
     assert str(bad) in summary["failed"][0]["error"]
     failed = [e for e in Ledger(tmp_path / "run" / "ledger.jsonl").entries() if e["status"] == "failed"]
     assert [e["item"] for e in failed] == [slides.slide_id[0]]
+
+
+def test_tile_flow_rerun_redoes_nothing(tiny_cohort, tmp_path, prefect_server):
+    from flows.tiling import tile_cohort
+
+    run = tmp_path / "run"
+    first = tile_cohort(str(tiny_cohort), str(run))
+    assert {r["status"] for r in first} == {"done"}
+    second = tile_cohort(str(tiny_cohort), str(run))
+    assert {r["status"] for r in second} == {"skipped"}
+    tile_entries = [e for e in Ledger(run / "ledger.jsonl").entries() if e["step"] == "tile"]
+    assert [e["status"] for e in tile_entries] == ["done"] * len(first) + ["skipped"] * len(first)

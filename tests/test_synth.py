@@ -24,8 +24,9 @@ def test_truth_beside_the_cohort(tiny_cohort):
     sid = next(iter(slides))
     labels = cv2.imread(str(tiny_cohort / "truth" / f"{sid}.labels.png"), cv2.IMREAD_UNCHANGED)
     assert labels.shape == (1536 // 8, 2048 // 8)
-    assert set(np.unique(labels)) <= set(range(len(MORPHOLOGIES) + 1))
-    assert 0.1 < (labels > 0).mean() < 0.9  # tissue on glass
+    assert set(np.unique(labels)) <= set(range(len(MORPHOLOGIES) + 3))  # + pen ink, debris
+    assert 0.1 < ((labels > 0) & (labels <= 5)).mean() < 0.9  # tissue on glass
+    assert (labels == 7).any()  # debris on the glass
 
 
 def test_outcomes_follow_the_hidden_state():

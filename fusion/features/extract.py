@@ -116,8 +116,11 @@ def extract_slide(
             enc.to(device)
         out_size = max(enc.input_size for enc in todo)
         dataset = TileDataset(slide_path, coords, attrs, out_size, mpp=float(attrs["level0_mpp"]))
+        # forkserver: workers start from a clean process, not a fork of one that runs threads
+        # (Prefect's task runner and API client), which can deadlock or die in the child.
         loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers,
-                            pin_memory=device.type == "cuda", shuffle=False)
+                            pin_memory=device.type == "cuda", shuffle=False,
+                            multiprocessing_context="forkserver" if config.num_workers > 0 else None)
         start = 0
         for batch in loader:
             batch = batch.to(device, non_blocking=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fusion.errors import SlideReadError
+from fusion.wsi.backends import SlideBackend, create_backend
 
 _MPP_HINT = ("pass the slide's resolution explicitly, e.g. `--mpp 0.25` for a 40x scan or "
              "`--mpp 0.5` for 20x (microns per pixel at level 0)")
@@ -23,55 +24,54 @@ _MPP_HINT = ("pass the slide's resolution explicitly, e.g. `--mpp 0.25` for a 40
 
 @dataclass
 class Slide:
-    """An open slide: the openslide handle plus its resolved level-0 mpp."""
+    """An open slide: a reading backend plus its resolved level-0 mpp."""
 
     path: Path
-    handle: object  # openslide.OpenSlide
+    backend: SlideBackend
     mpp: float
     mpp_source: str
 
     @property
     def dimensions(self) -> tuple[int, int]:
-        return self.handle.dimensions  # (width, height) at level 0
+        return self.backend.level_dimensions[0]  # (width, height) at level 0
 
     @property
     def level_count(self) -> int:
-        return self.handle.level_count
+        return len(self.backend.level_dimensions)
 
     @property
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return self.handle.level_dimensions
+        return self.backend.level_dimensions
 
     @property
     def level_downsamples(self) -> tuple[float, ...]:
-        return self.handle.level_downsamples
+        return self.backend.level_downsamples
+
+    @property
+    def properties(self) -> dict[str, str]:
+        return self.backend.properties
 
     @property
     def vendor(self) -> str:
-        return self.handle.properties.get("openslide.vendor", "unknown")
+        return self.backend.properties.get("openslide.vendor", "unknown")
 
     def best_level(self, downsample: float) -> int:
         """The highest-resolution level not finer than needed (never upsample)."""
-        return self.handle.get_best_level_for_downsample(downsample + 1e-6)
+        return self.backend.best_level(downsample)
 
     def read_rgb(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        """RGB uint8 [h, w, 3]; pixels outside the scanned area become white, not black."""
+        """RGB uint8 [h, w, 3]; pixels outside the scanned area are white, not black."""
         try:
-            rgba = np.asarray(self.handle.read_region(location, level, size))
-        except Exception as e:  # openslide raises OpenSlideError on corrupt tiles
+            return self.backend.read_rgb(location, level, size)
+        except Exception as e:  # a corrupt tile surfaces here, whatever the backend
             raise SlideReadError(self.path, f"reading {size} at {location} level {level}: {e}") from e
-        rgb = rgba[..., :3].copy()
-        transparent = rgba[..., 3] == 0
-        if transparent.any():
-            rgb[transparent] = 255
-        return rgb
 
     def read_level(self, level: int) -> np.ndarray:
         w, h = self.level_dimensions[level]
         return self.read_rgb((0, 0), level, (w, h))
 
     def close(self) -> None:
-        self.handle.close()
+        self.backend.close()
 
     def __enter__(self) -> Slide:
         return self
@@ -80,29 +80,74 @@ class Slide:
         self.close()
 
 
-def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
-    """Open `path` with openslide; raise `SlideReadError` naming the file and the reason."""
-    import openslide
+def open_slide(path: str | Path, mpp: float | None = None, backend: str = "auto") -> Slide:
+    """Open `path`; raise `SlideReadError` naming the file and the reason.
 
+    With `backend="auto"`, openslide first; a TIFF that openslide refuses is retried with tifffile.
+    """
     path = Path(path)
     if not path.is_file():
         raise SlideReadError(path, "file not found")
-    try:
-        handle = openslide.OpenSlide(str(path))
-    except openslide.OpenSlideUnsupportedFormatError:
-        raise SlideReadError(path, "format not supported by openslide (not a whole-slide image, "
-                                   "or a format openslide cannot read)") from None
-    except openslide.OpenSlideError as e:
-        raise SlideReadError(path, f"file is corrupt or truncated: {e}") from None
+    if mpp is not None and not mpp > 0:
+        raise ValueError(f"mpp must be positive, got {mpp}")
+    reader = _open_backend(path, backend)
     if mpp is not None:
-        if not mpp > 0:
-            raise ValueError(f"mpp must be positive, got {mpp}")
-        return Slide(path, handle, float(mpp), "user")
-    resolved, source = resolve_mpp(dict(handle.properties))
+        return Slide(path, reader, float(mpp), "user")
+    resolved, source = resolve_mpp(reader.properties)
     if resolved is None:
-        handle.close()
+        reader.close()
         raise SlideReadError(path, f"no resolution (mpp) in the slide's metadata; {_MPP_HINT}")
-    return Slide(path, handle, resolved, source)
+    return Slide(path, reader, resolved, source)
+
+
+def _open_backend(path: Path, backend: str) -> SlideBackend:
+    if backend != "auto":
+        try:
+            return create_backend(backend, path)
+        except ValueError:
+            raise
+        except Exception as e:
+            raise SlideReadError(path, f"{backend} cannot open it: {e}") from None
+    try:
+        reader = create_backend("openslide", path)
+        if not _is_ome(reader):
+            return reader
+        # openslide reads an OME-TIFF as a flat generic TIFF: no SubIFD pyramid, no OME resolution.
+        reader.close()
+        first = "OME-TIFF"
+    except Exception as e:  # OpenSlideUnsupportedFormatError, OpenSlideError
+        first = _openslide_reason(e)
+    if not _looks_like_tiff(path):
+        raise SlideReadError(path, first)
+    try:
+        reader = create_backend("tifffile", path)
+    except Exception as e:
+        raise SlideReadError(path, f"{first}; tifffile cannot read it either: {e}") from None
+    try:
+        reader.read_rgb((0, 0), len(reader.level_dimensions) - 1, (1, 1))  # can it decode at all?
+        return reader
+    except Exception as e:
+        reader.close()
+        raise SlideReadError(path, f"{first}; tifffile cannot read it either: {e}") from None
+
+
+def _is_ome(reader: SlideBackend) -> bool:
+    props = reader.properties
+    return props.get("openslide.vendor") == "generic-tiff" and "<OME" in props.get("tiff.ImageDescription", "")
+
+
+def _openslide_reason(e: Exception) -> str:
+    import openslide
+
+    if isinstance(e, openslide.OpenSlideUnsupportedFormatError):
+        return "format not supported by openslide (not a whole-slide image, or a format openslide cannot read)"
+    return f"file is corrupt, truncated or unsupported: {e}"
+
+
+def _looks_like_tiff(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(4)
+    return head[:2] in (b"II", b"MM") and head[2:4] in (b"*\x00", b"\x00*", b"+\x00", b"\x00+")
 
 
 def resolve_mpp(props: dict[str, str]) -> tuple[float | None, str]:

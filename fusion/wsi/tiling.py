@@ -18,7 +18,7 @@ import numpy as np
 from fusion.errors import SlideReadError
 from fusion.storage import atomic_path, file_fingerprint, hash_config
 from fusion.wsi.slide import Slide, open_slide
-from fusion.wsi.tissue import TissueConfig, tissue_mask
+from fusion.wsi.tissue import TissueConfig, segment
 
 TILER_VERSION = "1"
 
@@ -31,6 +31,7 @@ class TilingConfig:
     patch_size: int = 256  # pixels at target_mpp
     overlap: float = 0.0  # fraction of patch_size shared with the neighbour
     min_tissue: float = 0.5  # fraction of the tile inside the tissue mask
+    max_ink: float = 0.05  # fraction of the tile under pen ink above which it is dropped
     tissue: TissueConfig = field(default_factory=TissueConfig)
 
     def __post_init__(self) -> None:
@@ -52,24 +53,39 @@ class Grid:
     patch_level: int
 
 
-def segmentation_image(slide: Slide, seg_mpp: float) -> tuple[np.ndarray, float]:
+def segmentation_image(slide: Slide, seg_mpp: float, max_band_pixels: int = 1 << 25) -> tuple[np.ndarray, float]:
     """RGB image of the whole slide at about `seg_mpp` and its exact downsample from level 0.
 
-    Reads the pyramid level just finer than needed, then shrinks it with area averaging; the
-    full-resolution image is never loaded.
+    Reads the pyramid level just finer than needed and shrinks it with area averaging. A level too
+    large to hold (a slide with no pyramid, 100k px a side) is read and shrunk in bands, so memory
+    stays at `max_band_pixels` of the source level, whatever the slide's size.
     """
     want = max(1.0, seg_mpp / slide.mpp)
     level = slide.best_level(want)
-    rgb = slide.read_level(level)
+    lw, lh = slide.level_dimensions[level]
+    d = slide.level_downsamples[level]
+    factor = want / d  # shrink of the read level
     w0, h0 = slide.dimensions
     w, h = max(1, int(round(w0 / want))), max(1, int(round(h0 / want)))
-    if rgb.shape[1] > w * 1.25:
-        rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
-    return rgb, w0 / rgb.shape[1]
+    if factor < 1.25:  # the level is already about right
+        return slide.read_level(level), w0 / lw
+    if lw * lh <= max_band_pixels:
+        rgb = cv2.resize(slide.read_level(level), (w, h), interpolation=cv2.INTER_AREA)
+        return rgb, w0 / w
+    rows_per_band = max(1, int(max_band_pixels // lw / factor)) * factor  # whole output rows a band
+    out = np.empty((h, w, 3), np.uint8)
+    for oy in range(0, h, max(1, int(rows_per_band / factor))):
+        oy1 = min(h, oy + max(1, int(rows_per_band / factor)))
+        y0, y1 = int(round(oy * factor)), min(lh, int(round(oy1 * factor)))
+        band = slide.read_rgb((0, int(round(y0 * d))), level, (lw, max(1, y1 - y0)))
+        out[oy:oy1] = cv2.resize(band, (w, oy1 - oy), interpolation=cv2.INTER_AREA)
+    return out, w0 / w
 
 
-def tile_grid(mask: np.ndarray, mask_downsample: float, slide: Slide, config: TilingConfig) -> Grid:
-    """Tiles of the grid whose tissue fraction (from `mask`) reaches `config.min_tissue`."""
+def tile_grid(mask: np.ndarray, mask_downsample: float, slide: Slide, config: TilingConfig,
+              ink: np.ndarray | None = None) -> Grid:
+    """Tiles of the grid whose tissue fraction (from `mask`) reaches `config.min_tissue` and whose
+    ink fraction (from `ink`) stays at or below `config.max_ink`."""
     w0, h0 = slide.dimensions
     size0 = int(round(config.patch_size * config.target_mpp / slide.mpp))
     step = max(1, int(round(size0 * (1 - config.overlap))))
@@ -78,18 +94,24 @@ def tile_grid(mask: np.ndarray, mask_downsample: float, slide: Slide, config: Ti
     gx, gy = np.meshgrid(xs, ys)
     coords = np.stack([gx.ravel(), gy.ravel()], 1).astype(np.int64)
 
-    integral = cv2.integral(mask.astype(np.uint8), sdepth=cv2.CV_32S).astype(np.int64)
-    mh, mw = mask.shape
-    x0 = np.clip(np.round(coords[:, 0] / mask_downsample).astype(int), 0, mw)
-    y0 = np.clip(np.round(coords[:, 1] / mask_downsample).astype(int), 0, mh)
-    x1 = np.clip(np.round((coords[:, 0] + size0) / mask_downsample).astype(int), 0, mw)
-    y1 = np.clip(np.round((coords[:, 1] + size0) / mask_downsample).astype(int), 0, mh)
-    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-    area = np.maximum((x1 - x0) * (y1 - y0), 1)
-    frac = (inside / area).astype(np.float32)
+    frac = _box_fraction(mask, coords, size0, mask_downsample)
     keep = frac >= max(config.min_tissue, 1e-6)
+    if ink is not None and ink.any():
+        keep &= _box_fraction(ink, coords, size0, mask_downsample) <= config.max_ink
     level = slide.best_level(config.target_mpp / slide.mpp)
     return Grid(coords[keep], frac[keep], size0, level)
+
+
+def _box_fraction(mask: np.ndarray, coords: np.ndarray, size0: int, downsample: float) -> np.ndarray:
+    """Fraction [N] of each level-0 box (x, y, size0) covered by `mask`, via an integral image."""
+    integral = cv2.integral(mask.astype(np.uint8), sdepth=cv2.CV_32S).astype(np.int64)
+    mh, mw = mask.shape
+    x0 = np.clip(np.round(coords[:, 0] / downsample).astype(int), 0, mw)
+    y0 = np.clip(np.round(coords[:, 1] / downsample).astype(int), 0, mh)
+    x1 = np.clip(np.round((coords[:, 0] + size0) / downsample).astype(int), 0, mw)
+    y1 = np.clip(np.round((coords[:, 1] + size0) / downsample).astype(int), 0, mh)
+    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    return (inside / np.maximum((x1 - x0) * (y1 - y0), 1)).astype(np.float32)
 
 
 def tile_slide(
@@ -122,8 +144,8 @@ def tile_slide(
 
     with open_slide(slide_path, mpp=mpp) as slide:
         seg_rgb, seg_downsample = segmentation_image(slide, config.tissue.seg_mpp)
-        mask = tissue_mask(seg_rgb, slide.mpp * seg_downsample, config.tissue)
-        grid = tile_grid(mask, seg_downsample, slide, config)
+        mask, ink = segment(seg_rgb, slide.mpp * seg_downsample, config.tissue)
+        grid = tile_grid(mask, seg_downsample, slide, config, ink)
         attrs = {
             "patch_size": config.patch_size,
             "patch_level": grid.patch_level,
@@ -137,6 +159,7 @@ def tile_slide(
             "downsample": slide.level_downsamples[grid.patch_level],
             "overlap": config.overlap,
             "min_tissue": config.min_tissue,
+            "ink_area_mm2": float(ink.sum() * (slide.mpp * seg_downsample) ** 2 / 1e6),
             "tissue_area_mm2": float(mask.sum() * (slide.mpp * seg_downsample) ** 2 / 1e6),
             "vendor": slide.vendor,
             "name": slide_id,

@@ -1,12 +1,16 @@
-"""Tissue segmentation on a low-resolution level: saturation + Otsu, blur, closing, area filter.
+"""Tissue segmentation on a low-resolution image of the slide (about 8 um/px).
 
-H&E tissue is saturated (pink/purple) while glass is grey-white, so the saturation channel
-separates them far more robustly than brightness. Holes (fat, lumina) are kept as holes.
+A pixel is tissue when it is stained (HSV saturation above a clamped Otsu threshold) or when it
+absorbs light relative to the slide's own glass (optical density above a floor): the second test
+keeps pale tissue such as fat, whose thin eosin membranes barely saturate at low resolution.
+Pen ink (blue, green: hues H&E never has; black: dark and unsaturated) is removed first, then
+closing joins the tissue, small specks (dust, debris) are dropped and small holes are filled.
+All sizes are physical (um, um^2), so one setting holds at any magnification.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -14,34 +18,97 @@ import numpy as np
 
 @dataclass(frozen=True)
 class TissueConfig:
-    """Parameters of tissue detection; areas are physical (um^2) so they hold at any level."""
+    """Every parameter of tissue detection; `preset(name)` gives tuned sets."""
 
-    seg_mpp: float = 8.0  # resolution at which tissue is segmented
-    blur_um: float = 24.0  # median blur size
-    close_um: float = 64.0  # morphological closing size
-    min_saturation: int = 12  # Otsu threshold is never below this (0..255)
+    seg_mpp: float = 8.0  # resolution at which tissue is segmented, um/px
+    blur_um: float = 24.0  # median blur before thresholds
+    close_um: float = 48.0  # morphological closing: joins tissue split by thin gaps
+    min_saturation: int = 12  # Otsu threshold on saturation (0..255) never below this ...
     max_saturation_threshold: int = 40  # ... nor above this: pale tissue is still tissue
-    max_white: int = 235  # pixels brighter than this in all channels are glass
-    min_tissue_area_um2: float = 0.05e6  # drop tissue pieces smaller than ~0.22 x 0.22 mm
-    min_hole_area_um2: float = 0.05e6  # fill holes smaller than this
+    min_density: float = 0.04  # optical density above the glass that counts as tissue (0 = off)
+    min_tissue_area_um2: float = 0.01e6  # drop pieces smaller than this (0.1 x 0.1 mm): dust, debris
+    min_hole_area_um2: float = 0.02e6  # fill holes smaller than this
+    remove_pen: bool = True
+    pen_margin_um: float = 16.0  # ink edges bleed: tissue this close to ink is dropped
+    max_white: int = 235  # pixels brighter than this in every channel are glass
+
+
+PRESETS: dict[str, TissueConfig] = {
+    # Large sections with fat and pale stroma: keep pale tissue, fill small holes.
+    "resection": TissueConfig(),
+    # Needle biopsies: thin, small pieces; keep small fragments, close less.
+    "biopsy": TissueConfig(close_um=24.0, min_tissue_area_um2=0.002e6, min_hole_area_um2=0.005e6),
+    # Dirty or uneven glass: trust stain saturation only.
+    "strict": TissueConfig(min_density=0.0, min_saturation=20),
+}
+
+
+def preset(name: str, **overrides) -> TissueConfig:
+    """A named preset with any field overridden, e.g. `preset("biopsy", close_um=32)`."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown tissue preset '{name}'; available: {', '.join(PRESETS)}")
+    try:
+        return replace(PRESETS[name], **overrides)
+    except TypeError as e:
+        raise ValueError(f"bad tissue parameter: {e}") from None
 
 
 def tissue_mask(rgb: np.ndarray, mpp: float, config: TissueConfig = TissueConfig()) -> np.ndarray:
     """Boolean tissue mask [h, w] of an RGB uint8 image [h, w, 3] whose pixels are `mpp` um."""
+    return segment(rgb, mpp, config)[0]
+
+
+def segment(rgb: np.ndarray, mpp: float, config: TissueConfig = TissueConfig()) -> tuple[np.ndarray, np.ndarray]:
+    """(tissue mask, ink mask), both boolean [h, w]. Tissue within `pen_margin_um` of ink is
+    dropped from the mask; the ink mask itself is not grown (tiles measure their ink with it)."""
     px = lambda um: max(1, int(round(um / mpp)))  # noqa: E731 - microns to pixels at this level
-    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
-    sat = cv2.medianBlur(hsv[..., 1], _odd(px(config.blur_um)))
-    not_white = (rgb < config.max_white).any(-1)
-    if not not_white.any():
-        return np.zeros(rgb.shape[:2], bool)
-    # Otsu over the whole image splits glass from tissue; the clamp keeps it from splitting two
-    # kinds of tissue when there is almost no glass, or from taking glass noise when there is no tissue.
-    otsu, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    smooth = cv2.medianBlur(rgb, _odd(px(config.blur_um)))
+    hsv = cv2.cvtColor(smooth, cv2.COLOR_RGB2HSV)
+    hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+
+    ink = pen_mask(hue, sat, val) if config.remove_pen else np.zeros(rgb.shape[:2], bool)
+    near_ink = ink
+    if ink.any():
+        k = _odd(2 * px(config.pen_margin_um) + 1)
+        near_ink = cv2.dilate(ink.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))) > 0
+
+    not_white = (smooth < config.max_white).any(-1)
+    valid = ~near_ink
+    otsu, _ = cv2.threshold(sat[valid].reshape(-1, 1) if valid.any() else sat, 0, 255,
+                            cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     threshold = min(max(otsu, config.min_saturation), config.max_saturation_threshold)
-    mask = ((sat > threshold) & not_white).astype(np.uint8)
+    stained = sat > threshold
+    if config.min_density > 0:
+        od = np.log(glass_colour(smooth, sat)[None, None, :] / np.maximum(smooth, 1).astype(np.float32))
+        pale = (od.max(-1) > config.min_density) & ~stained
+        # A low density floor also catches the one-pixel rim where stained tissue blends into glass;
+        # an opening keeps pale regions (fat) and drops that rim, so borders are not pushed outwards.
+        pale = cv2.morphologyEx(pale.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)) > 0
+        stained |= pale
+    mask = (stained & ~near_ink & (not_white | stained)).astype(np.uint8)
+
     k = _odd(px(config.close_um))
     mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
-    return _filter_areas(mask, config.min_tissue_area_um2 / mpp**2, config.min_hole_area_um2 / mpp**2)
+    mask[near_ink] = 0
+    mask = _filter_areas(mask, config.min_tissue_area_um2 / mpp**2, config.min_hole_area_um2 / mpp**2)
+    return mask, ink
+
+
+def pen_mask(hue: np.ndarray, sat: np.ndarray, val: np.ndarray) -> np.ndarray:
+    """Ink: blue/green hues (OpenCV hue 35..121, i.e. 70-242 degrees; H&E lies in 250-360 and 0-30)
+    with real colour, or black (dark and grey). Haematoxylin's darkest purple sits at ~255 degrees."""
+    coloured = (hue >= 35) & (hue <= 121) & (sat > 60) & (val < 220)
+    black = (val < 80) & (sat < 90)
+    return coloured | black
+
+
+def glass_colour(rgb: np.ndarray, sat: np.ndarray) -> np.ndarray:
+    """RGB of the bare glass: median of bright, unsaturated pixels (white if there are too few)."""
+    grey = rgb.mean(-1)
+    candidates = (sat < 20) & (grey > 200)
+    if candidates.sum() < 0.01 * candidates.size:
+        return np.array([245.0, 245.0, 245.0], np.float32)
+    return np.median(rgb[candidates], axis=0).astype(np.float32)
 
 
 def _filter_areas(mask: np.ndarray, min_tissue_px: float, min_hole_px: float) -> np.ndarray:

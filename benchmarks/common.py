@@ -1,0 +1,78 @@
+"""Shared helpers: machine description, timing in a fresh process, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"  # generated inputs (slides), ignored by git
+RESULTS = HERE / "results"
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1), "python": platform.python_version(),
+            "torch": torch.__version__, "cuda": torch.cuda.is_available(), "date": time.strftime("%Y-%m-%d")}
+
+
+def machine_tag() -> str:
+    m = machine()
+    return f"{m['cores']}cpu-{'cuda' if m['cuda'] else 'nogpu'}"
+
+
+def run_isolated(code: str) -> dict:
+    """Run `code` (which prints JSON objects, one a line) in a fresh interpreter, so that peak
+    memory (ru_maxrss) belongs to that measurement alone. Snippets that print `base_rss_mib`
+    after their imports let the caller report the peak above what the imports cost."""
+    wrapper = code + (
+        "\nimport resource, json as _j\n"
+        "print(_j.dumps({'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n")
+    done = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    result = {}
+    for d in lines:
+        result.update(d)
+    return result
+
+
+def write_results(name: str, rows: list[dict], columns: list[str], notes: str = "") -> Path:
+    """benchmarks/results/<name>-<machine>.json and .md (a markdown table with the machine)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    base = RESULTS / f"{name}-{machine_tag()}"
+    payload = {"machine": machine(), "rows": rows, "notes": notes}
+    base.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    m = payload["machine"]
+    lines = [f"### {name}", "", f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, "
+             f"{'CUDA' if m['cuda'] else 'no GPU'}, torch {m['torch']}, {m['date']}.", ""]
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "---|" * len(columns))
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |")
+    if notes:
+        lines += ["", notes]
+    base.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return base.with_suffix(".md")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
+    return str(v)
