@@ -38,11 +38,12 @@ def machine_tag() -> str:
 
 def run_isolated(code: str) -> dict:
     """Run `code` (which prints JSON objects, one a line) in a fresh interpreter, so that peak
-    memory (ru_maxrss) belongs to that measurement alone. Snippets that print `base_rss_mib`
-    after their imports let the caller report the peak above what the imports cost."""
+    memory belongs to that measurement alone. Snippets call `reset_peak()` (see RESET_PEAK) after
+    their imports and print `base_rss_mib`, so the peak reported is that of the work, not imports."""
     wrapper = code + (
-        "\nimport resource, json as _j\n"
-        "print(_j.dumps({'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n")
+        "\nimport json as _j, re as _re\n"
+        "_hwm = int(_re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+        "print(_j.dumps({'peak_rss_mib': _hwm / 1024}))\n")
     done = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-2000:])
@@ -51,6 +52,15 @@ def run_isolated(code: str) -> dict:
     for d in lines:
         result.update(d)
     return result
+
+
+# Paste into a snippet after its imports: resets the kernel's peak-RSS mark (Linux clear_refs).
+RESET_PEAK = """
+import re as _re
+open('/proc/self/clear_refs', 'w').write('5')
+_base = int(_re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) / 1024
+print(json.dumps({{"base_rss_mib": _base}}))
+"""
 
 
 def write_results(name: str, rows: list[dict], columns: list[str], notes: str = "") -> Path:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, run_isolated, write_results  # noqa: E402
+from common import OUT, RESET_PEAK, run_isolated, write_results  # noqa: E402
 
 SLIDES = {"40x-80k": (80_000, 0.25), "20x-40k": (40_000, 0.5)}
 QUICK = {"40x-20k": (20_000, 0.25), "20x-10k": (10_000, 0.5)}
@@ -43,7 +43,7 @@ READ_SEG = """
 import time, json, resource
 from fusion.wsi import open_slide
 from fusion.wsi.tiling import segmentation_image
-print(json.dumps({{"base_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+""" + RESET_PEAK + """
 t = time.perf_counter()
 with open_slide({path!r}) as s:
     rgb, d = segmentation_image(s, 8.0)
@@ -53,7 +53,7 @@ print(json.dumps({{"seconds": time.perf_counter() - t, "seg_shape": list(rgb.sha
 TILE = """
 import time, json, tempfile, resource
 from fusion.wsi import tile_slide, TilingConfig
-print(json.dumps({{"base_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+""" + RESET_PEAK + """
 out = tempfile.mkdtemp()
 t = time.perf_counter()
 r = tile_slide({path!r}, "bench", out, TilingConfig(target_mpp=0.5, patch_size=256), force=True)

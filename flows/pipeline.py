@@ -26,7 +26,7 @@ from fusion.wsi import TilingConfig
 @task(name="extract-slide", task_run_name="extract-{slide_id}", cache_policy=NO_CACHE)
 def extract_slide_task(run: str, slide_id: str, path: str, encoders: list[str]) -> dict:
     layout, _ = open_run(run)
-    return extract_one(layout, slide_id, path, build_encoders(encoders))
+    return extract_one(layout, slide_id, path, build_encoders(encoders, layout))
 
 
 @task(name="train", task_run_name="train-{config.model}", cache_policy=NO_CACHE)

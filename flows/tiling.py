@@ -17,20 +17,23 @@ from fusion.wsi import TilingConfig
 
 
 @task(name="tile-slide", task_run_name="tile-{slide_id}", cache_policy=NO_CACHE)
-def tile_slide_task(run: str, slide_id: str, path: str, tiling: TilingConfig, mpp: float | None) -> dict:
+def tile_slide_task(run: str, slide_id: str, path: str, tiling: TilingConfig, mpp: float | None,
+                    tile_set: str = "") -> dict:
     layout, _ = open_run(run)
-    result = tile_one(layout, slide_id, path, tiling, mpp)
+    result = tile_one(layout, slide_id, path, tiling, mpp, tile_set)
     if result["status"] == "failed":
         get_run_logger().warning("slide %s failed: %s", slide_id, result["error"])
     return result
 
 
 @flow(name="fusion-tile", task_runner=ThreadPoolTaskRunner(max_workers=2))
-def tile_cohort(cohort: str, run: str, tiling: TilingConfig = TilingConfig(), mpp: float | None = None) -> list[dict]:
-    """Tile every slide of `cohort` into `run`/tiles; returns one status dict per slide."""
+def tile_cohort(cohort: str, run: str, tiling: TilingConfig = TilingConfig(), mpp: float | None = None,
+                tile_set: str = "") -> list[dict]:
+    """Tile every slide of `cohort` into `run`/tiles[/<tile_set>]; returns one status dict per slide."""
     layout = init_run(run, cohort)
     _, cohort_obj = open_run(layout.root)
-    futures = [tile_slide_task.submit(str(layout.root), sid, path, tiling, mpp) for sid, path in slide_rows(cohort_obj)]
+    futures = [tile_slide_task.submit(str(layout.root), sid, path, tiling, mpp, tile_set)
+               for sid, path in slide_rows(cohort_obj)]
     results = [f.result() for f in futures]
     done = sum(r["status"] == "done" for r in results)
     skipped = sum(r["status"] == "skipped" for r in results)

@@ -89,6 +89,8 @@ def tile(
                                               "--tissue close_um=32 (repeatable).")] = [],
     mpp: Annotated[float | None, typer.Option(help="Override the slides' level-0 um/px (for slides "
                                               "without resolution metadata).")] = None,
+    tile_set: Annotated[str, typer.Option("--set", help="Name of this tiling, to keep several per run apart "
+                                          "(e.g. --set 40x writes RUN/tiles/40x/).")] = "",
     workers: Annotated[int, typer.Option(help="Slides tiled at once.")] = 2,
     local: Annotated[bool, typer.Option(help="Run in this process without Prefect.")] = False,
 ) -> None:
@@ -106,14 +108,14 @@ def tile(
                               patch_size=patch_size, min_tissue=min_tissue, overlap=overlap,
                               tissue=tissue_preset(preset, **overrides))
         if local:
-            results = _tile_locally(cohort, out, config, mpp)
+            results = _tile_locally(cohort, out, config, mpp, tile_set)
         else:
             from prefect.task_runners import ThreadPoolTaskRunner
 
             from flows.tiling import tile_cohort
 
             flow = tile_cohort.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
-            results = flow(str(cohort), str(out), config, mpp)
+            results = flow(str(cohort), str(out), config, mpp, tile_set)
     except (FusionError, ValueError) as e:
         _fail(e)
     _report(results, "tiles")
@@ -131,7 +133,7 @@ def _parse_override(text: str) -> tuple[str, float | bool]:
         raise ValueError(f"--tissue {name}: '{value}' is not a number") from None
 
 
-def _tile_locally(cohort: Path, out: Path, config, mpp: float | None) -> list[dict]:
+def _tile_locally(cohort: Path, out: Path, config, mpp: float | None, tile_set: str) -> list[dict]:
     from fusion.run import init_run, open_run
     from fusion.stages import slide_rows, tile_one
 
@@ -140,7 +142,7 @@ def _tile_locally(cohort: Path, out: Path, config, mpp: float | None) -> list[di
     results = []
     with _progress() as progress:
         for sid, path in progress.track(slide_rows(c), description="tiling slides"):
-            results.append(tile_one(layout, sid, path, config, mpp))
+            results.append(tile_one(layout, sid, path, config, mpp, tile_set))
     return results
 
 
@@ -150,6 +152,7 @@ def extract(
     encoder: Annotated[list[str], typer.Option(help="Encoder name; repeat for several in one pass.")] = ["morph"],
     batch_size: Annotated[int, typer.Option(help="Tiles per batch.")] = 128,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes reading tiles.")] = 0,
+    tile_set: Annotated[str, typer.Option("--set", help="Which tiling to encode (see `fusion tile --set`).")] = "",
 ) -> None:
     """Encode every tile with the chosen encoder(s) into RUN/features/<encoder>/<slide>.h5."""
     from fusion.features import ExtractConfig
@@ -158,15 +161,70 @@ def extract(
 
     try:
         layout, c = open_run(run)
-        encoders = build_encoders(encoder)
+        encoders = build_encoders(encoder, layout)
     except (FusionError, ValueError) as e:
         _fail(e)
     config = ExtractConfig(batch_size=batch_size, num_workers=workers)
     results = []
     with _progress() as progress:
         for sid, path in progress.track(slide_rows(c), description="extracting features"):
-            results.append(extract_one(layout, sid, path, encoders, config))
+            results.append(extract_one(layout, sid, path, encoders, config, tile_set))
     _report(results, "tiles")
+
+
+@app.command()
+def pretrain(
+    run: Annotated[Path, typer.Argument(help="Run folder (after `fusion tile`).")],
+    method: Annotated[str, typer.Option(help="dino or mocov3.")] = "mocov3",
+    name: Annotated[str | None, typer.Option(help="Encoder name (default: the method).")] = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the sampled tiles.")] = 15,
+    tiles: Annotated[int, typer.Option(help="Tiles sampled from the run.")] = 4096,
+    size: Annotated[int, typer.Option(help="Tile side fed to the network, pixels.")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Tiles per step.")] = 128,
+    depth: Annotated[int, typer.Option(help="ViT depth.")] = 4,
+    dim: Annotated[int, typer.Option(help="ViT width.")] = 192,
+) -> None:
+    """Self-supervised pretraining (DINO or MoCo v3) of a small ViT on the run's own tiles.
+
+    The encoder is saved in RUN/encoders/<name>/ and is then usable by name:
+    `fusion extract RUN --encoder <name>`. Defaults finish in minutes on 2 CPU cores; on a GPU,
+    raise --size, --tiles, --batch-size and --epochs.
+    """
+    from fusion.features.ssl import PretrainConfig
+    from fusion.run import open_run
+    from fusion.stages import pretrain_stage
+
+    try:
+        config = PretrainConfig(method=method, epochs=epochs, tiles=tiles, size=size, batch_size=batch_size,
+                                depth=depth, dim=dim)
+        layout, c = open_run(run)
+        with _progress() as progress:
+            bar = progress.add_task(f"pretraining ({method})", total=epochs)
+            out = pretrain_stage(layout, c, config, name,
+                                 on_epoch=lambda e, loss: progress.update(bar, completed=e + 1,
+                                                                          description=f"{method} loss {loss:.3f}"))
+    except (FusionError, ValueError) as e:
+        _fail(e)
+    console.print(f"encoder saved to [bold]{out}[/]; use it with `fusion extract {run} --encoder {name or method}`")
+
+
+@app.command("import-features")
+def import_features_cmd(
+    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    source: Annotated[Path, typer.Option("--from", help="Folder of CLAM/TRIDENT <slide_id>.h5 feature files.")],
+    encoder: Annotated[str, typer.Option(help="Name to file them under (e.g. uni, conch).")],
+) -> None:
+    """Import tile features computed by CLAM or TRIDENT (h5 with `features` and `coords`)."""
+    from fusion.features.importing import import_features
+    from fusion.run import open_run
+
+    try:
+        layout, c = open_run(run)
+        result = import_features(layout, c, source, encoder)
+    except (FusionError, ValueError) as e:
+        _fail(e)
+    console.print(f"imported {len(result['imported'])} slide(s) ({result['dim']}-D) as '{encoder}'; "
+                  f"{len(result['missing'])} slide(s) had no file")
 
 
 @app.command()
@@ -177,6 +235,7 @@ def train(
     folds: Annotated[int, typer.Option(help="Patient-level cross-validation folds.")] = 5,
     epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping may end sooner).")] = 60,
     seed: Annotated[int, typer.Option(help="Seed: splits and initialisation.")] = 0,
+    tile_set: Annotated[str, typer.Option("--set", help="Which tiling's features to train on.")] = "",
 ) -> None:
     """Cross-validate a survival model; writes RUN/models/<model>/fold-<k>/ and predictions."""
     from fusion.run import open_run
@@ -185,7 +244,7 @@ def train(
     from fusion.train.loop import TrainConfig
 
     try:
-        config = TrainConfig(model=model, encoder=encoder, folds=folds, epochs=epochs, seed=seed)
+        config = TrainConfig(model=model, encoder=encoder, folds=folds, epochs=epochs, seed=seed, tile_set=tile_set)
         layout, c = open_run(run)
         with _progress() as progress:
             bar = progress.add_task(f"training {model} ({folds} folds)", total=folds * epochs)

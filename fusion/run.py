@@ -17,21 +17,30 @@ RUN_FILE = "run.json"
 class RunLayout:
     root: Path
 
+    # A run may tile its slides several ways (e.g. 20x and 40x): each extra "tile set" lives in
+    # its own sub-folder, tiles/<set>/ and features/<encoder>/<set>/; the default set has none.
     @property
     def tiles(self) -> Path:
         return self.root / "tiles"
 
-    def tiles_h5(self, slide_id: str) -> Path:
-        return self.tiles / f"{slide_id}.h5"
+    def tiles_dir(self, tile_set: str = "") -> Path:
+        return self.tiles / tile_set if tile_set else self.tiles
 
-    def features(self, encoder: str) -> Path:
-        return self.root / "features" / encoder
+    def tiles_h5(self, slide_id: str, tile_set: str = "") -> Path:
+        return self.tiles_dir(tile_set) / f"{slide_id}.h5"
 
-    def features_h5(self, encoder: str, slide_id: str) -> Path:
-        return self.features(encoder) / f"{slide_id}.h5"
+    def features(self, encoder: str, tile_set: str = "") -> Path:
+        base = self.root / "features" / encoder
+        return base / tile_set if tile_set else base
+
+    def features_h5(self, encoder: str, slide_id: str, tile_set: str = "") -> Path:
+        return self.features(encoder, tile_set) / f"{slide_id}.h5"
 
     def model_dir(self, model: str) -> Path:
         return self.root / "models" / model
+
+    def encoder_dir(self, name: str) -> Path:
+        return self.root / "encoders" / name
 
     @property
     def analysis(self) -> Path:

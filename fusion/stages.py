@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import traceback
 from dataclasses import asdict
+from pathlib import Path
 
 from fusion.cohort import Cohort
 from fusion.errors import FusionError, RunError
@@ -39,32 +40,52 @@ def _guarded(layout: RunLayout, step: str, item: str, fn, **fields) -> dict:
 
 
 def tile_one(layout: RunLayout, slide_id: str, path: str, config: TilingConfig,
-             mpp: float | None = None) -> dict:
-    """Tile one slide into RUN/tiles; a failure is recorded, not raised."""
+             mpp: float | None = None, tile_set: str = "") -> dict:
+    """Tile one slide into RUN/tiles[/<tile_set>]; a failure is recorded, not raised."""
     return _guarded(layout, "tile", slide_id,
-                    lambda: tile_slide(path, slide_id, layout.tiles, config, mpp=mpp))
+                    lambda: tile_slide(path, slide_id, layout.tiles_dir(tile_set), config, mpp=mpp),
+                    tile_set=tile_set)
 
 
 def extract_one(layout: RunLayout, slide_id: str, path: str, encoders: list[Encoder],
-                config: ExtractConfig = ExtractConfig()) -> dict:
-    """Features of one tiled slide for each encoder; needs RUN/tiles/<slide_id>.h5."""
-    tiles = layout.tiles_h5(slide_id)
+                config: ExtractConfig = ExtractConfig(), tile_set: str = "") -> dict:
+    """Features of one tiled slide for each encoder; needs RUN/tiles[/<tile_set>]/<slide_id>.h5."""
+    tiles = layout.tiles_h5(slide_id, tile_set)
 
     def run() -> dict:
         if not tiles.exists():
             raise RunError(f"no tiles for slide {slide_id} ({tiles}); tiling failed or was not run")
-        return extract_slide(path, tiles, slide_id, layout.root / "features", encoders, config)
+        return extract_slide(path, tiles, slide_id, layout.root / "features", encoders, config, subdir=tile_set)
 
-    return _guarded(layout, "extract", slide_id, run, encoders=[e.name for e in encoders])
+    return _guarded(layout, "extract", slide_id, run, encoders=[e.name for e in encoders], tile_set=tile_set)
 
 
-def build_encoders(names: list[str]) -> list[Encoder]:
-    return [create_encoder(n) for n in names]
+def build_encoders(names: list[str], layout: RunLayout | None = None) -> list[Encoder]:
+    """Encoders by name; a name trained in this run (`fusion pretrain`) resolves to RUN/encoders/<name>."""
+    out = []
+    for n in names:
+        if layout is not None and (layout.encoder_dir(n) / "config.json").exists():
+            n = f"ssl@{layout.encoder_dir(n)}"
+        out.append(create_encoder(n))
+    return out
+
+
+def pretrain_stage(layout: RunLayout, cohort: Cohort, config, name: str | None = None, on_epoch=None) -> Path:
+    """Self-supervised pretraining on tiles of the run; the encoder lands in RUN/encoders/<name>."""
+    from fusion.features.ssl import pretrain, sample_tiles
+
+    slides = [(p, layout.tiles_h5(s)) for s, p in slide_rows(cohort) if layout.tiles_h5(s).exists()]
+    if not slides:
+        raise RunError(f"no tiles in {layout.tiles}; run `fusion tile` first")
+    tiles = sample_tiles(slides, config.tiles, config.size, config.seed)
+    out = pretrain(tiles, config, layout.encoder_dir(name or config.method), on_epoch=on_epoch)
+    layout.ledger.record("pretrain", name or config.method, "done", outputs=[str(out)], n_tiles=len(tiles))
+    return out
 
 
 def train_stage(layout: RunLayout, cohort: Cohort, config: TrainConfig, on_epoch=None) -> dict:
     """Cross-validate `config.model` on the run's features; writes RUN/models/<model>/."""
-    bags, missing = load_bags(layout, cohort, config.encoder)
+    bags, missing = load_bags(layout, cohort, config.encoder, config.tile_set)
     if len(bags) < config.folds * 2:
         raise RunError(f"only {len(bags)} patients have features for encoder '{config.encoder}' in "
                        f"{layout.root}; run `fusion extract` first (or use fewer folds)")

@@ -44,3 +44,20 @@ def test_stage_commands_on_a_small_cohort(tiny_cohort, tmp_path):
     assert runner.invoke(app, ["evaluate", str(run)]).exit_code == 0
     missing = runner.invoke(app, ["train", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "not a run folder" in missing.output
+
+
+def test_two_magnifications_are_kept_apart(tiny_cohort, tmp_path):
+    from fusion.wsi import read_coords
+
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["tile", str(tiny_cohort), "--out", str(run), "--local"]).exit_code == 0
+    five = runner.invoke(app, ["tile", str(tiny_cohort), "--out", str(run), "--local", "--set", "5x",
+                               "--magnification", "5", "--patch-size", "64"])
+    assert five.exit_code == 0, five.output
+    slide = sorted((run / "tiles").glob("*.h5"))[0]
+    _, attrs20 = read_coords(slide)
+    _, attrs5 = read_coords(run / "tiles" / "5x" / slide.name)
+    assert attrs20["target_mpp"] == 0.5 and attrs5["target_mpp"] == 2.0 and attrs5["patch_size_level0"] == 256
+    assert runner.invoke(app, ["extract", str(run), "--set", "5x"]).exit_code == 0
+    assert (run / "features" / "morph" / "5x" / slide.name).exists()
+    assert not (run / "features" / "morph" / slide.name).exists()

@@ -49,12 +49,52 @@ def available_encoders() -> list[str]:
 
 
 def create_encoder(name: str, **kwargs) -> Encoder:
-    """Build a registered encoder; unknown names fail with the list of known ones."""
+    """Build an encoder by name; unknown names fail with the list of known ones.
+
+    Besides registered names: `timm:<arch>@<weights path>` (`@random` for untrained weights, for
+    speed tests only), `<foundation>@<weights path>` (uni, uni2, virchow, phikon, hoptimus0) and
+    `ssl@<folder>` for an encoder trained by `fusion pretrain`.
+    """
+    if "@" in name or name.startswith("timm:"):
+        return _from_weights(name)
     if name not in _REGISTRY:
         raise ValueError(f"Unknown encoder '{name}'; available: {', '.join(available_encoders())}")
     encoder = _REGISTRY[name](**kwargs)
     encoder.model.eval()
     return encoder
+
+
+def _from_weights(spec: str) -> Encoder:
+    from fusion.features.pretrained import FOUNDATIONS, build_timm
+    from fusion.storage import file_fingerprint
+
+    head, _, weights = spec.partition("@")
+    if head == "ssl":
+        from fusion.features.ssl import load_ssl_encoder
+
+        return load_ssl_encoder(weights)
+    path = None if weights in ("", "random") else weights
+    version = "random" if path is None else file_fingerprint(path) if _exists(path) else "missing"
+    if head.startswith("timm:"):
+        arch = head[len("timm:"):]
+        model, dim, size = build_timm(arch, path)
+        return Encoder(f"timm-{arch}", model.eval(), input_size=size, dim=dim, version=f"{arch}-{version}")
+    if head in FOUNDATIONS:
+        if path is None:
+            raise ValueError(f"encoder '{head}' needs its weights: '{head}@/path/to/weights'")
+        f = FOUNDATIONS[head]
+        model, dim, size = build_timm(f.arch, path, kwargs=f.kwargs, mean=f.mean, std=f.std,
+                                      input_size=f.input_size, pool=f.pool)
+        return Encoder(head, model.eval(), input_size=size, dim=dim, version=f"{head}-{version}", mpp=f.mpp)
+    raise ValueError(f"Unknown encoder '{spec}'; use timm:<arch>@<path>, one of "
+                     f"{', '.join(sorted(FOUNDATIONS))} as <name>@<path>, ssl@<folder>, or one of: "
+                     f"{', '.join(available_encoders())}")
+
+
+def _exists(path: str) -> bool:
+    from pathlib import Path
+
+    return Path(path).is_file()
 
 
 # Importing the modules registers their encoders.

@@ -76,10 +76,6 @@ class TileDataset(Dataset):
         return torch.from_numpy(rgb).permute(2, 0, 1)
 
 
-def features_path(run: str | Path, encoder: str, slide_id: str) -> Path:
-    return Path(run) / "features" / encoder / f"{slide_id}.h5"
-
-
 def extract_slide(
     slide_path: str | Path,
     tiles_h5: str | Path,
@@ -88,9 +84,10 @@ def extract_slide(
     encoders: list[Encoder],
     config: ExtractConfig = ExtractConfig(),
     *,
+    subdir: str = "",
     force: bool = False,
 ) -> dict:
-    """Features of every tile of one slide for each encoder, into `out_root/<encoder>/<id>.h5`.
+    """Features of every tile of one slide for each encoder, into `out_root/<encoder>[/<subdir>]/<id>.h5`.
 
     Encoders whose output already matches the tiles (by the tiles' inputs hash) and the encoder
     version are skipped; the pixels are read once for all remaining encoders.
@@ -99,7 +96,7 @@ def extract_slide(
     tiles_hash = str(attrs.get("inputs_hash", hash_config(coords.tolist())))
     todo, outputs = [], {}
     for enc in encoders:
-        out = Path(out_root) / enc.name / f"{slide_id}.h5"
+        out = Path(out_root) / enc.name / subdir / f"{slide_id}.h5"
         outputs[enc.name] = str(out)
         if force or not _is_current(out, tiles_hash, enc.version):
             todo.append(enc)

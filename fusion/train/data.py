@@ -34,13 +34,13 @@ class Bags:
         return int(self.features[0].shape[1])
 
 
-def load_bags(layout: RunLayout, cohort: Cohort, encoder: str) -> tuple[Bags, list[str]]:
+def load_bags(layout: RunLayout, cohort: Cohort, encoder: str, tile_set: str = "") -> tuple[Bags, list[str]]:
     """Bags of every patient with at least one featurised tile, and the ids left out (no tiles)."""
     ids, feats, missing = [], [], []
     for pid in cohort.patients["patient_id"]:
         parts = []
         for sid in cohort.slides_of(pid)["slide_id"]:
-            path = layout.features_h5(encoder, sid)
+            path = layout.features_h5(encoder, sid, tile_set)
             if path.exists():
                 f, _, _ = read_features(path)
                 if len(f):

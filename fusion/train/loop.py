@@ -25,6 +25,7 @@ from fusion.train.splits import cv_folds, inner_split
 class TrainConfig:
     model: str = "abmil"
     encoder: str = "morph"
+    tile_set: str = ""  # which tiling of the run to train on ("" = RUN/tiles)
     folds: int = 5
     epochs: int = 60
     patience: int = 12  # epochs without validation improvement before stopping

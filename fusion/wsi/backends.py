@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 _BACKENDS: dict[str, Callable[[Path], SlideBackend]] = {}
@@ -75,10 +76,9 @@ class OpenSlideBackend(SlideBackend):
 
     def read_rgb(self, location, level, size):
         rgba = np.asarray(self.handle.read_region(location, level, size))
-        rgb = rgba[..., :3].copy()
-        transparent = rgba[..., 3] == 0
-        if transparent.any():
-            rgb[transparent] = 255
+        rgb = cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
+        if rgba[..., 3].min() == 0:  # outside the scanned area: white, not black
+            rgb[rgba[..., 3] == 0] = 255
         return rgb
 
     def best_level(self, downsample: float) -> int:

@@ -193,7 +193,7 @@ def read_coords(path: str | Path) -> tuple[np.ndarray, dict]:
 
 
 def write_qc_image(path: Path, rgb: np.ndarray, mask: np.ndarray, coords: np.ndarray, size: float,
-                   max_side: int = 1600) -> None:
+                   max_side: int = 1024) -> None:
     """Thumbnail with the tissue contour (green) and the tile grid (blue)."""
     scale = min(1.0, max_side / max(rgb.shape[:2]))
     img = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else rgb.copy()
@@ -202,6 +202,6 @@ def write_qc_image(path: Path, rgb: np.ndarray, mask: np.ndarray, coords: np.nda
     for x, y in np.asarray(coords) * scale:
         cv2.rectangle(img, (int(x), int(y)), (int(x + size * scale), int(y + size * scale)), (40, 90, 220), 1)
     cv2.drawContours(img, contours, -1, (20, 170, 60), 2)
-    ok, png = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    ok, png = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1])
     with atomic_path(path) as tmp:
         tmp.write_bytes(png.tobytes())

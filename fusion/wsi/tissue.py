@@ -72,15 +72,19 @@ def segment(rgb: np.ndarray, mpp: float, config: TissueConfig = TissueConfig()) 
         k = _odd(2 * px(config.pen_margin_um) + 1)
         near_ink = cv2.dilate(ink.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))) > 0
 
-    not_white = (smooth < config.max_white).any(-1)
+    darkest = np.minimum(np.minimum(smooth[..., 0], smooth[..., 1]), smooth[..., 2])
+    not_white = darkest < config.max_white
     valid = ~near_ink
     otsu, _ = cv2.threshold(sat[valid].reshape(-1, 1) if valid.any() else sat, 0, 255,
                             cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     threshold = min(max(otsu, config.min_saturation), config.max_saturation_threshold)
     stained = sat > threshold
     if config.min_density > 0:
-        od = np.log(glass_colour(smooth, sat)[None, None, :] / np.maximum(smooth, 1).astype(np.float32))
-        pale = (od.max(-1) > config.min_density) & ~stained
+        # max_c log(glass_c / pixel_c) > d  <=>  min_c pixel_c / glass_c < exp(-d): no log, no float image
+        glass = glass_colour(smooth, sat)
+        r, g, b = (smooth[..., c] * np.float32(1 / glass[c]) for c in range(3))
+        ratio = np.minimum(np.minimum(r, g), b)
+        pale = (ratio < np.exp(-config.min_density)) & ~stained
         # A low density floor also catches the one-pixel rim where stained tissue blends into glass;
         # an opening keeps pale regions (fat) and drops that rim, so borders are not pushed outwards.
         pale = cv2.morphologyEx(pale.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)) > 0
@@ -104,7 +108,9 @@ def pen_mask(hue: np.ndarray, sat: np.ndarray, val: np.ndarray) -> np.ndarray:
 
 def glass_colour(rgb: np.ndarray, sat: np.ndarray) -> np.ndarray:
     """RGB of the bare glass: median of bright, unsaturated pixels (white if there are too few)."""
-    grey = rgb.mean(-1)
+    step = max(1, int(np.sqrt(rgb.shape[0] * rgb.shape[1] / 250_000)))  # a sample is enough for a median
+    rgb, sat = rgb[::step, ::step], sat[::step, ::step]
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     candidates = (sat < 20) & (grey > 200)
     if candidates.sum() < 0.01 * candidates.size:
         return np.array([245.0, 245.0, 245.0], np.float32)
