@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT, RESET_PEAK, run_isolated, write_results  # noqa: E402
 
@@ -34,7 +36,7 @@ def make_slide(name: str, px: int, mpp: float) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     config = SynthConfig(slide_px=px, mpp=mpp, pen_prob=1.0, region_um=300.0)
-    render_slide(path, [0.3, 0.3, 0.15, 0.1, 0.15], seed=1, config=config)
+    render_slide(path, np.array([0.3, 0.3, 0.15, 0.1, 0.15]), seed=1, config=config)
     print(f"rendered {path.name} in {time.perf_counter() - t:.0f} s", flush=True)
     return path
 

@@ -153,6 +153,8 @@ def extract(
     batch_size: Annotated[int, typer.Option(help="Tiles per batch.")] = 128,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes reading tiles.")] = 0,
     tile_set: Annotated[str, typer.Option("--set", help="Which tiling to encode (see `fusion tile --set`).")] = "",
+    min_sharpness: Annotated[float | None, typer.Option(help="Drop out-of-focus tiles: Laplacian variance "
+                                                        "below this (each file stores every tile's value).")] = None,
 ) -> None:
     """Encode every tile with the chosen encoder(s) into RUN/features/<encoder>/<slide>.h5."""
     from fusion.features import ExtractConfig
@@ -164,7 +166,7 @@ def extract(
         encoders = build_encoders(encoder, layout)
     except (FusionError, ValueError) as e:
         _fail(e)
-    config = ExtractConfig(batch_size=batch_size, num_workers=workers)
+    config = ExtractConfig(batch_size=batch_size, num_workers=workers, min_sharpness=min_sharpness)
     results = []
     with _progress() as progress:
         for sid, path in progress.track(slide_rows(c), description="extracting features"):

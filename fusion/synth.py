@@ -63,6 +63,7 @@ class SynthConfig:
     workers: int = 2
     region_um: float = 120.0  # correlation length of morphology regions (blobs ~2.5x this)
     pen_prob: float = 0.3  # chance that a slide carries pen marks
+    blur_prob: float = 0.0  # chance that a slide has an out-of-focus band (a quarter of its width)
     debris: int = 6  # specks of dust/debris on the glass per slide
     # Weights of the true log-hazard: image state, genomic state, grade, age (per year).
     risk_weights: tuple[float, float, float, float] = (1.0, 0.7, 0.25, 0.02)
@@ -184,13 +185,14 @@ def _slide_table(config: SynthConfig, ids: list[str], rng: np.random.Generator) 
 
 def _render_job(job) -> tuple[str, dict]:
     path, sid, props, seed, config = job
-    labels, ink = render_slide(path, props, seed, config)
+    labels, ink, blur_band = render_slide(path, props, seed, config)
     truth_dir = Path(path).parent.parent / "truth"
     ok, png = cv2.imencode(".png", labels)
     with atomic_path(truth_dir / f"{sid}.labels.png") as tmp:
         tmp.write_bytes(png.tobytes())
     h, w = _slide_shape(config.slide_px)
     return sid, {"label_px": LABEL_PX, "width": w, "height": h, "mpp": config.mpp, "ink": ink,
+                 "out_of_focus_x": blur_band,
                  "labels": {"0": "glass", **{str(k + 1): m for k, m in enumerate(MORPHOLOGIES)},
                             str(PEN): "pen", str(DEBRIS): "debris"}}
 
@@ -242,8 +244,9 @@ def _smooth_noise(shape: tuple[int, int], sigma: float, rng: np.random.Generator
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
-def render_slide(path: str | Path, props: np.ndarray, seed: int, config: SynthConfig) -> tuple[np.ndarray, str | None]:
-    """Render one slide to `path` (pyramidal tiled JPEG TIFF); return (label map, ink or None)."""
+def render_slide(path: str | Path, props: np.ndarray, seed: int, config: SynthConfig):
+    """Render one slide to `path` (pyramidal tiled JPEG TIFF); return (label map, ink or None,
+    out-of-focus band (x0, x1) in level-0 pixels or None)."""
     rng = np.random.default_rng(seed)
     h, w = _slide_shape(config.slide_px)
     mpp, quality = config.mpp, config.jpeg_quality
@@ -252,11 +255,18 @@ def render_slide(path: str | Path, props: np.ndarray, seed: int, config: SynthCo
                             region_px=config.region_um / label_um)
     ink = add_artefacts(labels, rng, label_um, config.pen_prob, config.debris)
     textures = make_textures(mpp, ink or "blue")
+    blur_band = None
+    if rng.random() < config.blur_prob:  # a scanner focus failure: one band of the slide is soft
+        x0 = int(rng.uniform(0.2, 0.55) * w)
+        blur_band = (x0, x0 + w // 4)
     lower: list[np.ndarray] = []  # level-1 stripes, filled while level 0 streams out
 
     def level0_tiles():
         for y0 in range(0, h, TILE):
             stripe = _render_stripe(labels, y0, min(TILE, h - y0), w, rng, textures)
+            if blur_band:
+                b0, b1 = blur_band
+                stripe[:, b0:b1] = cv2.GaussianBlur(stripe[:, b0:b1], (0, 0), 3.0 / mpp)
             lower.append(cv2.resize(stripe, (-(-w // 4), -(-stripe.shape[0] // 4)),
                                     interpolation=cv2.INTER_AREA))
             padded = np.full((TILE, -(-w // TILE) * TILE, 3), 255, np.uint8)
@@ -279,7 +289,7 @@ def render_slide(path: str | Path, props: np.ndarray, seed: int, config: SynthCo
             level = cv2.resize(level, (-(-level.shape[1] // 4), -(-level.shape[0] // 4)),
                                interpolation=cv2.INTER_AREA)
             downsample *= 4
-    return labels, ink
+    return labels, ink, blur_band
 
 
 def add_artefacts(labels: np.ndarray, rng: np.random.Generator, label_um: float, pen_prob: float,

@@ -60,3 +60,36 @@ def test_extraction_resumes_and_workers_agree(tiny_cohort, tmp_path):
     b, _, _ = read_features(tmp_path / "w2" / "morph" / f"{row.slide_id}.h5")
     np.testing.assert_allclose(a, b, atol=1e-3)
     assert not list((tmp_path / "features" / "morph").glob("*.partial"))
+
+
+def test_out_of_focus_tiles_are_measured_and_dropped(tmp_path):
+    """A slide with a soft band (a scanner focus failure): its tiles have far lower sharpness, and
+    `min_sharpness` drops them while keeping the sharp ones."""
+    import json
+
+    import h5py
+
+    from fusion.synth import SynthConfig, synthesize_cohort
+
+    cohort = synthesize_cohort(tmp_path / "c", SynthConfig(patients=1, slide_px=4096, blur_prob=1.0,
+                                                           extra_slide_prob=0, pen_prob=0, workers=1))
+    (sid, info), = json.loads((cohort / "truth" / "slides.json").read_text()).items()
+    path = cohort / "slides" / f"{sid}.tiff"
+    tile_slide(path, sid, tmp_path / "tiles")
+    tiles = tmp_path / "tiles" / f"{sid}.h5"
+    enc = [create_encoder("morph")]
+    extract_slide(path, tiles, sid, tmp_path / "all", enc)
+    with h5py.File(tmp_path / "all" / "morph" / f"{sid}.h5") as f:
+        sharp, coords = f["sharpness"][:], f["coords"][:]
+    b0, b1 = info["out_of_focus_x"]
+    inside = (coords[:, 0] >= b0) & (coords[:, 0] + 256 <= b1)
+    outside = (coords[:, 0] + 256 <= b0) | (coords[:, 0] >= b1)
+    assert inside.sum() > 5 and outside.sum() > 20
+    assert np.percentile(sharp[inside], 95) < 0.2 * np.percentile(sharp[outside], 5)
+
+    result = extract_slide(path, tiles, sid, tmp_path / "sharp", enc, ExtractConfig(min_sharpness=5.0))
+    _, kept, attrs = read_features(tmp_path / "sharp" / "morph" / f"{sid}.h5")
+    kept = {tuple(c) for c in kept}
+    assert not any(tuple(c) in kept for c in coords[inside])
+    assert all(tuple(c) in kept for c in coords[outside])
+    assert result["tiles_out_of_focus"] == attrs["tiles_out_of_focus"] >= inside.sum()

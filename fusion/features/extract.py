@@ -31,6 +31,7 @@ class ExtractConfig:
     num_workers: int = 0  # DataLoader worker processes; 0 reads in the calling thread
     device: str = "auto"  # "auto": CUDA when present, else CPU
     store_dtype: str = "float16"
+    min_sharpness: float | None = None  # drop out-of-focus tiles below this Laplacian variance (None: keep all)
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -108,6 +109,7 @@ def extract_slide(
 
     device = pick_device(config.device)
     feats = {enc.name: np.zeros((len(coords), enc.dim), config.store_dtype) for enc in todo}
+    sharpness = np.zeros(len(coords), np.float32)
     if len(coords):
         for enc in todo:
             enc.to(device)
@@ -121,17 +123,31 @@ def extract_slide(
         start = 0
         for batch in loader:
             batch = batch.to(device, non_blocking=True)
+            sharpness[start : start + len(batch)] = laplacian_variance(batch).cpu().numpy()
             with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
                                                          enabled=device.type == "cuda"):
                 for enc in todo:
                     x = _resize(batch, enc.input_size)
                     feats[enc.name][start : start + len(batch)] = enc.model(x).float().cpu().numpy()
             start += len(batch)
+    keep = np.ones(len(coords), bool) if config.min_sharpness is None else sharpness >= config.min_sharpness
     for enc in todo:
-        write_features(Path(outputs[enc.name]), feats[enc.name], coords,
+        write_features(Path(outputs[enc.name]), feats[enc.name][keep], coords[keep],
                        {**_plain(attrs), "encoder": enc.name, "encoder_version": enc.version,
-                        "dim": enc.dim, "tiles_hash": tiles_hash, "slide_id": slide_id})
+                        "dim": enc.dim, "tiles_hash": tiles_hash, "slide_id": slide_id,
+                        "min_sharpness": -1.0 if config.min_sharpness is None else config.min_sharpness,
+                        "tiles_out_of_focus": int((~keep).sum())},
+                       sharpness=sharpness[keep])
+    summary["tiles_out_of_focus"] = int((~keep).sum())
     return summary
+
+
+def laplacian_variance(batch: torch.Tensor) -> torch.Tensor:
+    """Focus measure [B]: variance of the Laplacian of the grey tile (low = blurred or blank)."""
+    grey = batch.float().mean(1, keepdim=True) / 255.0
+    centre = grey[..., 1:-1, 1:-1]
+    lap = grey[..., 1:-1, :-2] + grey[..., 1:-1, 2:] + grey[..., :-2, 1:-1] + grey[..., 2:, 1:-1] - 4 * centre
+    return lap.flatten(1).var(1) * 1e4
 
 
 def _resize(batch: torch.Tensor, size: int) -> torch.Tensor:
@@ -157,11 +173,13 @@ def _plain(attrs: dict) -> dict:
     return {k: v for k, v in attrs.items() if k not in {"inputs_hash", "name"}}
 
 
-def write_features(path: Path, features: np.ndarray, coords: np.ndarray, attrs: dict) -> None:
+def write_features(path: Path, features: np.ndarray, coords: np.ndarray, attrs: dict, **extra: np.ndarray) -> None:
     """CLAM/TRIDENT layout: `features` [N, D] and `coords` [N, 2] datasets, metadata in attrs."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("features", data=features)
         f.create_dataset("coords", data=np.asarray(coords, np.int64).reshape(-1, 2))
+        for name, arr in extra.items():
+            f.create_dataset(name, data=arr)
         for k, v in attrs.items():
             f.attrs[k] = v
 
