@@ -66,3 +66,45 @@ def test_concordance_is_sksurv():
     time, event, risk = rng.exponential(size=50), rng.random(50) < 0.4, rng.normal(size=50)
     assert concordance(time, event, risk) == concordance_index_censored(event, time, risk)[0]
     assert np.isnan(concordance(time, np.zeros(50, bool), risk))
+
+
+def test_efron_matches_lifelines_with_ties():
+    """lifelines fits with Efron ties: its coefficient minimises our Efron loss."""
+    from fusion.survival import efron_cox_loss
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=200)
+    time = np.ceil(rng.exponential(np.exp(-0.7 * x)) * 4)  # heavy ties
+    event = (rng.random(200) < 0.6).astype(float)
+    beta = CoxPHFitter().fit(pd.DataFrame({"x": x, "t": time, "e": event}), "t", "e").params_["x"]
+    f = lambda b: float(efron_cox_loss(torch.tensor(x * b), torch.tensor(time), torch.tensor(event)))  # noqa: E731
+    assert f(beta) < f(beta + 0.02) and f(beta) < f(beta - 0.02)
+
+
+def test_weighted_cox_rebalances_and_is_not_a_constant():
+    from fusion.survival import event_balance_weights, weighted_cox_loss
+
+    event = torch.tensor([1.0, 0, 0, 0, 1, 0, 0, 0])
+    w = event_balance_weights(event)
+    assert torch.isclose(w[event > 0].sum(), w[event == 0].sum()) and torch.isclose(w.mean(), torch.tensor(1.0))
+    time = torch.arange(8.0)
+    risk = torch.randn(8)
+    # Unlike a constant weight, rebalancing changes the loss (risk sets hold weighted censored patients).
+    assert not torch.isclose(weighted_cox_loss(risk, time, event), cox_loss(risk, time, event))
+    # With equal weights it is the plain Cox loss.
+    assert torch.isclose(weighted_cox_loss(risk, time, event, torch.ones(8)), cox_loss(risk, time, event))
+
+
+def test_discrete_time_nll_prefers_the_true_bin():
+    from fusion.survival import discrete_time_bins, nll_survival_loss, risk_from_hazards
+
+    time = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])
+    event = torch.ones(8)
+    edges = discrete_time_bins(time, event, n_bins=4)
+    assert edges.shape == (5,) and torch.isinf(edges[0]) and torch.isinf(edges[-1])
+    early = torch.tensor([[4.0, -4, -4, -4]]).repeat(8, 1)  # everyone dies in bin 0
+    late = torch.tensor([[-4.0, -4, -4, 4]]).repeat(8, 1)
+    early_patients = torch.tensor([1.0, 2.0, 1.5, 1.2, 2.1, 1.1, 1.9, 1.3])
+    loss = lambda logits: nll_survival_loss(logits, early_patients, event, edges)  # noqa: E731
+    assert loss(early) < loss(late)
+    assert (risk_from_hazards(early) > risk_from_hazards(late)).all()  # higher risk = earlier death
