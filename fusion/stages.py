@@ -85,7 +85,10 @@ def pretrain_stage(layout: RunLayout, cohort: Cohort, config, name: str | None =
 
 def train_stage(layout: RunLayout, cohort: Cohort, config: TrainConfig, on_epoch=None) -> dict:
     """Cross-validate `config.model` on the run's features; writes RUN/models/<model>/."""
-    bags, missing = load_bags(layout, cohort, config.encoder, config.tile_set)
+    from fusion.train.loop import MULTIMODAL
+
+    bags, missing = load_bags(layout, cohort, config.encoder, config.tile_set,
+                              keep_without_tiles=config.model in MULTIMODAL)
     if len(bags) < config.folds * 2:
         raise RunError(f"only {len(bags)} patients have features for encoder '{config.encoder}' in "
                        f"{layout.root}; run `fusion extract` first (or use fewer folds)")

@@ -76,3 +76,34 @@ def test_folds_are_patient_level_and_stratified():
     assert all(event[te].sum() == 4 for _, te in folds)
     with pytest.raises(ValueError, match="too few for 5 folds"):
         cv_folds(np.array([1, 1, 0, 0, 0, 0, 0, 0]), 5)
+
+
+@pytest.mark.parametrize("model", ["coattn", "biofusion"])
+def test_fusion_models_train_with_missing_modalities(model, tmp_path_factory):
+    """A fifth of patients without genomics and some without slides: training and scoring work,
+    and every patient, slides or not, gets an out-of-fold risk."""
+    from fusion.cohort import load_cohort
+    from fusion.run import init_run
+    from fusion.stages import build_encoders, extract_one, slide_rows, tile_one
+    from fusion.synth import SynthConfig, synthesize_cohort
+    from fusion.wsi import TilingConfig
+
+    root = tmp_path_factory.getbasetemp() / "missing"
+    if not (root / "run" / "run.json").exists():
+        cohort_dir = synthesize_cohort(root / "cohort", SynthConfig(patients=40, seed=5, slide_px=1536,
+                                                                    missing_genomics=0.2, missing_slides=0.1))
+        layout = init_run(root / "run", cohort_dir)
+        enc = build_encoders(["morph"])
+        for sid, path in slide_rows(load_cohort(cohort_dir)):
+            tile_one(layout, sid, path, TilingConfig())
+            extract_one(layout, sid, path, enc)
+    layout, cohort = open_run(root / "run")
+    assert cohort.genomics is not None and len(cohort.genomics) < len(cohort.patients)
+    without_slides = set(cohort.patients.patient_id) - set(cohort.slides.patient_id)
+    assert without_slides
+    summary = train_stage(layout, cohort, TrainConfig(model=model, folds=3, epochs=4, patience=4))
+    preds = pd.read_parquet(layout.model_dir(model) / "predictions.parquet")
+    assert set(preds.patient_id) == set(cohort.patients.patient_id)  # including those without slides
+    assert np.isfinite(preds.risk).all() and summary["n_patients"] == len(cohort.patients)
+    _, config = load_checkpoint(layout.model_dir(model) / "fold-0")
+    assert config["preprocessor"]["genes"] and config["model_kwargs"]["groups"]

@@ -1,10 +1,12 @@
-"""Patient bags: all tiles of all slides of a patient, batched with padding and a mask."""
+"""Patient bags: all tiles of all slides of a patient, with the patient's genomics and clinical
+data, batched with padding and masks."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import torch
 
 from fusion.cohort import Cohort
@@ -14,46 +16,155 @@ from fusion.run import RunLayout
 
 @dataclass
 class Bags:
-    """Tile features per patient, with outcomes aligned to `ids`."""
+    """Tile features per patient, with outcomes (and raw tabular data) aligned to `ids`."""
 
     ids: list[str]
-    features: list[np.ndarray]  # each [N_i, D] float32
+    features: list[np.ndarray]  # each [N_i, D] float32; N_i = 0 for a patient without slides
     time: np.ndarray  # [P]
     event: np.ndarray  # [P] bool
+    genomics: np.ndarray | None = None  # [P, G] raw values; rows of NaN where a patient has none
+    gene_names: list[str] = field(default_factory=list)
+    clinical: pd.DataFrame | None = None  # [P, C] raw clinical columns
+    clinical_types: dict[str, str] = field(default_factory=dict)
+    tab: dict[str, np.ndarray] = field(default_factory=dict)  # preprocessed, per patient (see Preprocessor)
 
     def subset(self, idx: np.ndarray) -> Bags:
-        idx = np.asarray(idx)
-        return Bags([self.ids[i] for i in idx], [self.features[i] for i in idx],
-                     self.time[idx], self.event[idx])
+        idx = np.asarray(idx, dtype=int)
+        return Bags([self.ids[i] for i in idx], [self.features[i] for i in idx], self.time[idx], self.event[idx],
+                    None if self.genomics is None else self.genomics[idx], self.gene_names,
+                    None if self.clinical is None else self.clinical.iloc[idx].reset_index(drop=True),
+                    self.clinical_types, {k: v[idx] for k, v in self.tab.items()})
 
     def __len__(self) -> int:
         return len(self.ids)
 
     @property
     def dim(self) -> int:
-        return int(self.features[0].shape[1])
+        return int(next(f.shape[1] for f in self.features if f.ndim == 2))
+
+    @property
+    def has_tiles(self) -> np.ndarray:
+        return np.array([len(f) > 0 for f in self.features])
 
 
-def load_bags(layout: RunLayout, cohort: Cohort, encoder: str, tile_set: str = "") -> tuple[Bags, list[str]]:
-    """Bags of every patient with at least one featurised tile, and the ids left out (no tiles)."""
+def load_bags(layout: RunLayout, cohort: Cohort, encoder: str, tile_set: str = "",
+              keep_without_tiles: bool = False) -> tuple[Bags, list[str]]:
+    """Bags of the cohort's patients and the ids without any featurised tile.
+
+    Patients without tiles are left out unless `keep_without_tiles` (fusion models score them from
+    their other modalities). Several encoders joined by '+' ("morph+ssl-mocov3") give, per tile,
+    the concatenation of each encoder's features (same tiles, same order).
+    """
+    encoders = encoder.split("+")
     ids, feats, missing = [], [], []
+    dim = None
     for pid in cohort.patients["patient_id"]:
         parts = []
         for sid in cohort.slides_of(pid)["slide_id"]:
-            path = layout.features_h5(encoder, sid, tile_set)
-            if path.exists():
-                f, _, _ = read_features(path)
-                if len(f):
-                    parts.append(f)
+            per_encoder = []
+            for enc in encoders:
+                path = layout.features_h5(enc, sid, tile_set)
+                if path.exists():
+                    per_encoder.append(read_features(path)[0])
+            if len(per_encoder) == len(encoders) and len(per_encoder[0]):
+                parts.append(np.concatenate(per_encoder, 1))
         if parts:
             ids.append(pid)
             feats.append(np.concatenate(parts, 0))
+            dim = feats[-1].shape[1]
         else:
             missing.append(pid)
+            if keep_without_tiles:
+                ids.append(pid)
+                feats.append(None)
+    feats = [np.zeros((0, dim or 1), np.float32) if f is None else f for f in feats]
     pts = cohort.patients.loc[ids]
-    time = pts[cohort.spec.outcome.time].to_numpy(float)
-    event = pts[cohort.spec.outcome.event].to_numpy().astype(bool)
-    return Bags(ids, feats, time, event), missing
+    genomics, genes = None, []
+    if cohort.genomics is not None:
+        genes = list(cohort.genomics.columns)
+        genomics = cohort.genomics.reindex(ids).to_numpy(dtype=float)
+    clinical = pts[list(cohort.spec.clinical)].reset_index(drop=True) if cohort.spec.clinical else None
+    bags = Bags(ids, feats, pts[cohort.spec.outcome.time].to_numpy(float),
+                pts[cohort.spec.outcome.event].to_numpy().astype(bool), genomics, genes, clinical,
+                dict(cohort.spec.clinical))
+    return bags, missing
+
+
+@dataclass
+class Preprocessor:
+    """Genomics and clinical preprocessing fitted on a training fold only, applied to anyone.
+
+    Genomics: the `max_genes` most variable genes of the training fold, z-scored with its means and
+    standard deviations; a patient without genomics gets zeros and `genomics_mask = False`.
+    Clinical: numeric columns z-scored (missing -> the training mean, i.e. 0); categorical columns
+    one-hot over the training fold's categories (unseen or missing -> all zeros).
+    """
+
+    max_genes: int = 256
+    genes: list[str] = field(default_factory=list)
+    gene_mean: list[float] = field(default_factory=list)
+    gene_std: list[float] = field(default_factory=list)
+    numeric: dict[str, tuple[float, float]] = field(default_factory=dict)
+    categories: dict[str, list[str]] = field(default_factory=dict)
+
+    def fit(self, bags: Bags) -> Preprocessor:
+        if bags.genomics is not None:
+            present = ~np.isnan(bags.genomics).all(1)
+            g = bags.genomics[present]
+            var = np.nanvar(g, 0)
+            order = np.argsort(-var, kind="stable")[: self.max_genes]
+            order = np.sort(order)  # keep the table's gene order (groups stay contiguous)
+            self.genes = [bags.gene_names[i] for i in order]
+            self.gene_mean = np.nanmean(g[:, order], 0).tolist()
+            self.gene_std = np.maximum(np.nanstd(g[:, order], 0), 1e-6).tolist()
+        if bags.clinical is not None:
+            for col, kind in bags.clinical_types.items():
+                values = bags.clinical[col]
+                if kind == "numeric":
+                    v = pd.to_numeric(values, errors="coerce")
+                    self.numeric[col] = (float(v.mean()), float(max(v.std(), 1e-6)))
+                else:
+                    self.categories[col] = sorted(values.dropna().astype(str).unique().tolist())
+        return self
+
+    @property
+    def groups(self) -> list[list[int]]:
+        """Gene groups by the prefix of their names (`PATHWAY_gene`), else chunks of 16."""
+        prefixes = [g.rsplit("_", 1)[0] if "_" in g else "" for g in self.genes]
+        if len(set(prefixes)) > 1 and all(prefixes):
+            names = list(dict.fromkeys(prefixes))
+            return [[i for i, p in enumerate(prefixes) if p == n] for n in names]
+        return [list(range(i, min(i + 16, len(self.genes)))) for i in range(0, len(self.genes), 16)] or [[0]]
+
+    @property
+    def clinical_dim(self) -> int:
+        return len(self.numeric) + sum(len(c) for c in self.categories.values())
+
+    def transform(self, bags: Bags) -> dict[str, np.ndarray]:
+        n = len(bags)
+        out: dict[str, np.ndarray] = {}
+        if self.genes and bags.genomics is not None:
+            idx = [bags.gene_names.index(g) for g in self.genes]
+            g = (bags.genomics[:, idx] - np.array(self.gene_mean)) / np.array(self.gene_std)
+            present = ~np.isnan(bags.genomics[:, idx]).all(1)
+            out["genomics"] = np.nan_to_num(g, nan=0.0).astype(np.float32)
+            out["genomics_mask"] = present
+        else:
+            out["genomics"] = np.zeros((n, max(1, len(self.genes))), np.float32)
+            out["genomics_mask"] = np.zeros(n, bool)
+        cols = []
+        for col, (mean, std) in self.numeric.items():
+            v = pd.to_numeric(bags.clinical[col], errors="coerce").to_numpy(float)
+            cols.append(np.nan_to_num((v - mean) / std, nan=0.0)[:, None])
+        for col, cats in self.categories.items():
+            v = bags.clinical[col].astype(str).to_numpy()
+            cols.append(np.stack([v == c for c in cats], 1).astype(np.float32))
+        out["clinical"] = np.concatenate(cols, 1).astype(np.float32) if cols else np.zeros((n, 0), np.float32)
+        return out
+
+    def state(self) -> dict:
+        return {"max_genes": self.max_genes, "genes": self.genes, "gene_mean": self.gene_mean,
+                "gene_std": self.gene_std, "numeric": self.numeric, "categories": self.categories}
 
 
 def collate(bags: list[np.ndarray], max_tiles: int | None, rng: np.random.Generator | None
@@ -61,7 +172,7 @@ def collate(bags: list[np.ndarray], max_tiles: int | None, rng: np.random.Genera
     """Pad bags to the longest: features [B, N, D] and mask [B, N] (True = real tile).
 
     With `max_tiles`, a bag longer than that is subsampled at random (training only; at
-    inference every tile counts).
+    inference every tile counts). A batch of empty bags still gets N = 1 (all masked).
     """
     chosen = []
     for f in bags:
@@ -69,7 +180,7 @@ def collate(bags: list[np.ndarray], max_tiles: int | None, rng: np.random.Genera
             assert rng is not None
             f = f[np.sort(rng.choice(len(f), max_tiles, replace=False))]
         chosen.append(f)
-    n = max(len(f) for f in chosen)
+    n = max(1, max(len(f) for f in chosen))
     d = chosen[0].shape[1]
     x = np.zeros((len(chosen), n, d), np.float32)
     mask = np.zeros((len(chosen), n), bool)
@@ -79,10 +190,17 @@ def collate(bags: list[np.ndarray], max_tiles: int | None, rng: np.random.Genera
     return torch.from_numpy(x), torch.from_numpy(mask)
 
 
+def tabular_batch(bags: Bags, idx, device: torch.device) -> dict[str, torch.Tensor]:
+    """The preprocessed genomics/clinical tensors of patients `idx` (empty when not prepared)."""
+    return {k: torch.from_numpy(np.asarray(v[idx])).to(device) for k, v in bags.tab.items()}
+
+
 def feature_moments(bags: list[np.ndarray], max_rows: int = 200_000, seed: int = 0
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and std over (a sample of) the tiles of the given bags."""
     stacked = np.concatenate(bags, 0)
     if len(stacked) > max_rows:
         stacked = stacked[np.random.default_rng(seed).choice(len(stacked), max_rows, replace=False)]
+    if not len(stacked):
+        return np.zeros(stacked.shape[1], np.float32), np.ones(stacked.shape[1], np.float32)
     return stacked.mean(0), stacked.std(0)

@@ -15,9 +15,9 @@ import torch
 from fusion.features.extract import pick_device
 from fusion.models import create_model
 from fusion.storage import atomic_path, hash_config, write_json
-from fusion.survival import concordance, cox_loss
+from fusion.survival import concordance, cox_loss, efron_cox_loss, weighted_cox_loss
 from fusion.train.checkpoint import save_checkpoint
-from fusion.train.data import Bags, collate, feature_moments
+from fusion.train.data import Bags, Preprocessor, collate, feature_moments, tabular_batch
 from fusion.train.splits import cv_folds, inner_split
 
 
@@ -38,6 +38,8 @@ class TrainConfig:
     val_fraction: float = 0.2
     seed: int = 0
     device: str = "auto"
+    loss: str = "auto"  # cox | weighted_cox | efron; auto: weighted_cox for biofusion, else cox
+    max_genes: int = 256  # most variable genes of the training fold kept for fusion models
 
     def __post_init__(self) -> None:
         for name in ("folds", "epochs", "batch_size", "max_tiles", "hidden"):
@@ -47,6 +49,17 @@ class TrainConfig:
             raise ValueError("batch_size must be >= 2: a Cox loss compares patients within a batch")
         if not 0 < self.val_fraction < 0.5:
             raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if self.loss not in LOSSES and self.loss != "auto":
+            raise ValueError(f"loss must be one of auto, {', '.join(LOSSES)}; got '{self.loss}'")
+
+    @property
+    def loss_fn(self):
+        return LOSSES["weighted_cox" if self.loss == "auto" and self.model == "biofusion" else
+                      "cox" if self.loss == "auto" else self.loss]
+
+
+LOSSES = {"cox": cox_loss, "weighted_cox": weighted_cox_loss, "efron": efron_cox_loss}
+MULTIMODAL = {"coattn", "biofusion"}  # models that read genomics and clinical data
 
 
 def _seed_everything(seed: int) -> np.random.Generator:
@@ -61,18 +74,34 @@ def predict_risk(model: torch.nn.Module, bags: Bags, device: torch.device, batch
     out = []
     for start in range(0, len(bags), batch_size):
         x, mask = collate(bags.features[start : start + batch_size], None, None)
+        tab = tabular_batch(bags, slice(start, start + batch_size), device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out.append(model(x.to(device), mask.to(device))["risk"].float().cpu().numpy())
+            out.append(model(x.to(device), mask.to(device), **tab)["risk"].float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
+def model_kwargs(config: TrainConfig, bags: Bags, prep: Preprocessor | None) -> dict:
+    kwargs = {"in_dim": bags.dim, "hidden": config.hidden, "dropout": config.dropout}
+    if prep is not None and config.model in MULTIMODAL:
+        kwargs.update(genomic_dim=max(1, len(prep.genes)), groups=prep.groups, clinical_dim=prep.clinical_dim)
+    return kwargs
+
+
+def _loss(out: dict, time: torch.Tensor, event: torch.Tensor, loss_fn) -> torch.Tensor:
+    loss = loss_fn(out["risk"], time, event) + out.get("aux_loss", 0.0)
+    if "branch_risk" in out:  # ACMIL: every branch is trained on the target too
+        branch = out["branch_risk"]
+        loss = loss + sum(loss_fn(branch[:, m], time, event) for m in range(branch.shape[1])) / branch.shape[1]
+    return loss
+
+
 def fit(bags: Bags, val: Bags, config: TrainConfig, seed: int,
-        on_epoch: Callable[[int, dict], None] | None = None) -> tuple[torch.nn.Module, list[dict]]:
+        on_epoch: Callable[[int, dict], None] | None = None, prep: Preprocessor | None = None
+        ) -> tuple[torch.nn.Module, list[dict]]:
     """Train on `bags`; keep the weights of the epoch with the best validation C-index."""
     rng = _seed_everything(seed)
     device = pick_device(config.device)
-    kwargs = {"in_dim": bags.dim, "hidden": config.hidden, "dropout": config.dropout}
-    model = create_model(config.model, **kwargs)
+    model = create_model(config.model, **model_kwargs(config, bags, prep))
     mean, std = feature_moments(bags.features, seed=seed)
     model.set_normalisation(torch.from_numpy(mean), torch.from_numpy(std))
     model.to(device)
@@ -90,9 +119,10 @@ def fit(bags: Bags, val: Bags, config: TrainConfig, seed: int,
             if len(idx) < 2 or not bags.event[idx].any():
                 continue  # no risk set to learn from
             x, mask = collate([bags.features[i] for i in idx], config.max_tiles, rng)
+            tab = tabular_batch(bags, idx, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                risk = model(x.to(device), mask.to(device))["risk"]
-            loss = cox_loss(risk, time_t[idx].to(device), event_t[idx].to(device))
+                out = model(x.to(device), mask.to(device), **tab)
+            loss = _loss(out, time_t[idx].to(device), event_t[idx].to(device), config.loss_fn)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -130,19 +160,21 @@ def cross_validate(bags: Bags, config: TrainConfig, out_dir: str | Path,
     fold_metrics, all_preds = [], []
     config_hash = hash_config(asdict(config))
     for k, (train_idx, test_idx) in enumerate(folds):
+        # Scaling, imputation and gene selection are fitted on the training fold only.
+        prep = Preprocessor(config.max_genes).fit(bags.subset(train_idx))
+        bags.tab = prep.transform(bags)
         train, test = bags.subset(train_idx), bags.subset(test_idx)
         fit_idx, val_idx = inner_split(train.event, config.val_fraction, config.seed + k)
         model, history = fit(train.subset(fit_idx), train.subset(val_idx), config, seed=config.seed * 1000 + k,
-                             on_epoch=(lambda e, r, k=k: on_epoch(k, e, r)) if on_epoch else None)
+                             on_epoch=(lambda e, r, k=k: on_epoch(k, e, r)) if on_epoch else None, prep=prep)
         risk = predict_risk(model, test, device)
         c = concordance(test.time, test.event, risk)
         preds = pd.DataFrame({"patient_id": test.ids, "fold": k, "risk": risk,
                               "time": test.time, "event": test.event.astype(int)})
         fold_dir = out_dir / f"fold-{k}"
-        save_checkpoint(model.cpu(), config.model,
-                        {"in_dim": bags.dim, "hidden": config.hidden, "dropout": config.dropout},
+        save_checkpoint(model.cpu(), config.model, model_kwargs(config, bags, prep),
                         fold_dir, extra={"train_config": asdict(config), "config_hash": config_hash,
-                                         "fold": k, "encoder": config.encoder})
+                                         "fold": k, "encoder": config.encoder, "preprocessor": prep.state()})
         metrics = {"fold": k, "c_index": c, "n_test": len(test), "n_test_events": int(test.event.sum()),
                    "n_train": len(fit_idx), "n_val": len(val_idx),
                    "best_epoch": int(np.argmax([np.nan_to_num(h["val_c_index"], nan=0.5) for h in history])),

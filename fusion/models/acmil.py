@@ -1,0 +1,88 @@
+"""`acmil`: Attention-Challenging MIL (Zhang et al., ECCV 2024).
+
+M gated-attention branches look at the same tile embeddings. In training, each branch's most
+attended tiles are randomly masked (stochastic top-K instance masking, STKIM), which forces the
+model to find evidence beyond a few salient tiles; a diversity loss keeps the branches' attention
+maps apart. Each branch has its own head (trained on the same target); the bag prediction is the
+head applied to the bag embedding pooled with the branches' mean attention.
+
+    h = MLP(x)                          [B, N, H]
+    a_m = softmax(gated_m(h))           [B, M, N]   (STKIM in training)
+    z_m = a_m h,  z = mean_m(a_m) h     [B, M, H], [B, H]
+    out = head(z);  aux = mean_m loss(head_m(z_m)) (by the trainer) + lambda * diversity(a)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusion.models.registry import register_model
+
+
+class ACMIL(nn.Module):
+    def __init__(self, in_dim: int, hidden: int = 128, attn_dim: int = 64, branches: int = 5, top_k: int = 10,
+                 mask_prob: float = 0.6, diversity: float = 0.1, dropout: float = 0.25, n_outputs: int = 1):
+        super().__init__()
+        self.register_buffer("feat_mean", torch.zeros(in_dim))
+        self.register_buffer("feat_std", torch.ones(in_dim))
+        self.embed = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.v = nn.Linear(hidden, attn_dim)
+        self.u = nn.Linear(hidden, attn_dim)
+        self.w = nn.Linear(attn_dim, branches)  # one attention vector per branch
+        self.branch_heads = nn.ModuleList(nn.Linear(hidden, n_outputs) for _ in range(branches))
+        self.head = nn.Linear(hidden, n_outputs)
+        self.top_k, self.mask_prob, self.diversity = top_k, mask_prob, diversity
+        self.n_outputs = n_outputs
+
+    def set_normalisation(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.feat_mean.copy_(mean)
+        self.feat_std.copy_(std.clamp_min(1e-6))
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor, **_) -> dict:
+        """features [B, N, D], mask [B, N] -> risk [B] | logits [B, C], attention [B, N], branch outputs."""
+        h = self.embed((features - self.feat_mean) / self.feat_std)
+        logits = self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h))).transpose(1, 2).float()  # [B, M, N]
+        valid = mask[:, None, :].expand_as(logits)
+        if self.training and self.top_k > 0:
+            valid = valid & ~self._stochastic_top_k(logits.detach(), valid)
+        attn = torch.nan_to_num(torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=-1), nan=0.0)
+        z_branch = torch.einsum("bmn,bnh->bmh", attn.to(h.dtype), h)
+        mean_attn = attn.mean(1)
+        z = torch.einsum("bn,bnh->bh", mean_attn.to(h.dtype), h)
+        out = self.head(z).float()
+        branch_out = torch.stack([head(z_branch[:, m]) for m, head in enumerate(self.branch_heads)], 1).float()
+        result = {"attention": mean_attn, "embedding": z, "branch_outputs": branch_out,
+                  "aux_loss": self.diversity * self._diversity(attn, mask)}
+        if self.n_outputs == 1:
+            result["risk"] = out.squeeze(-1)
+            result["branch_risk"] = branch_out.squeeze(-1)  # [B, M]
+        else:
+            result["logits"] = out
+        return result
+
+    def _stochastic_top_k(self, logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Boolean [B, M, N]: among each branch's top-K tiles, those masked (each with mask_prob)."""
+        k = min(self.top_k, logits.shape[-1])
+        top = logits.masked_fill(~valid, float("-inf")).topk(k, dim=-1).indices
+        drop = torch.zeros_like(valid)
+        drop.scatter_(-1, top, torch.rand(top.shape, device=logits.device) < self.mask_prob)
+        keep_some = (valid & ~drop).any(-1, keepdim=True)  # never mask a bag empty
+        return drop & keep_some
+
+    @staticmethod
+    def _diversity(attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean pairwise cosine similarity between branches' attention maps (0 = disjoint)."""
+        m = attn.shape[1]
+        if m < 2:
+            return attn.sum() * 0
+        a = F.normalize(attn * mask[:, None, :], dim=-1)
+        sim = torch.einsum("bmn,bkn->bmk", a, a)
+        off = ~torch.eye(m, dtype=torch.bool, device=attn.device)
+        return sim[:, off].mean()
+
+
+@register_model("acmil")
+def build_acmil(in_dim: int, n_outputs: int = 1, hidden: int = 128, dropout: float = 0.25, **_) -> ACMIL:
+    return ACMIL(in_dim, hidden=hidden, dropout=dropout, n_outputs=n_outputs)
