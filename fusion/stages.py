@@ -85,15 +85,20 @@ def pretrain_stage(layout: RunLayout, cohort: Cohort, config, name: str | None =
 
 def train_stage(layout: RunLayout, cohort: Cohort, config: TrainConfig, on_epoch=None) -> dict:
     """Cross-validate `config.model` on the run's features; writes RUN/models/<model>/."""
+    from fusion.train.baselines import BASELINES, cross_validate_baseline
     from fusion.train.loop import MULTIMODAL
 
+    tabular_only = config.model in BASELINES or config.model == "genomics_snn"
     bags, missing = load_bags(layout, cohort, config.encoder, config.tile_set,
-                              keep_without_tiles=config.model in MULTIMODAL)
+                              keep_without_tiles=config.model in MULTIMODAL or tabular_only)
     if len(bags) < config.folds * 2:
         raise RunError(f"only {len(bags)} patients have features for encoder '{config.encoder}' in "
                        f"{layout.root}; run `fusion extract` first (or use fewer folds)")
     out = layout.model_dir(config.model)
-    summary = cross_validate(bags, config, out, on_epoch=on_epoch)
+    if config.model in BASELINES:
+        summary = cross_validate_baseline(bags, config.model, config.folds, config.seed, config.max_genes, out)
+    else:
+        summary = cross_validate(bags, config, out, on_epoch=on_epoch)
     summary["patients_without_features"] = missing
     layout.ledger.record("train", config.model, "done", outputs=[str(out)], config=asdict(config),
                          c_index_mean=summary["c_index_mean"], excluded=missing)

@@ -107,3 +107,23 @@ def test_fusion_models_train_with_missing_modalities(model, tmp_path_factory):
     assert np.isfinite(preds.risk).all() and summary["n_patients"] == len(cohort.patients)
     _, config = load_checkpoint(layout.model_dir(model) / "fold-0")
     assert config["preprocessor"]["genes"] and config["model_kwargs"]["groups"]
+
+
+@pytest.mark.parametrize("baseline", ["clinical_cox", "rsf", "genomics_snn"])
+def test_baselines_share_the_folds_and_learn(baseline, tiny_run):
+    """Baselines run on the same patient folds as the models and find the clinical/genomic signal."""
+    layout, cohort = open_run(tiny_run)
+    config = TrainConfig(model=baseline, folds=3, epochs=30, patience=10)
+    summary = train_stage(layout, cohort, config)
+    assert summary["c_index_mean"] > 0.6, summary
+    preds = pd.read_parquet(layout.model_dir(baseline) / "predictions.parquet")
+    abmil = pd.read_parquet(layout.model_dir("abmil") / "predictions.parquet") if (
+        layout.model_dir("abmil") / "predictions.parquet").exists() else None
+    if abmil is not None and len(abmil) == len(preds):
+        merged = preds.merge(abmil, on="patient_id")
+        assert (merged.fold_x == merged.fold_y).all()  # identical folds
+
+
+def test_unknown_model_name_is_refused_early():
+    with pytest.raises(ValueError, match="Unknown model 'cox'; available: abmil, .*clinical_cox, rsf"):
+        TrainConfig(model="cox")

@@ -33,4 +33,4 @@ def create_model(name: str, **kwargs) -> nn.Module:
     return _REGISTRY[name](**kwargs)
 
 
-from fusion.models import abmil, acmil, biofusion, coattn  # noqa: E402,F401  (registers)
+from fusion.models import abmil, acmil, biofusion, coattn, snn  # noqa: E402,F401  (registers)

@@ -42,6 +42,12 @@ class TrainConfig:
     max_genes: int = 256  # most variable genes of the training fold kept for fusion models
 
     def __post_init__(self) -> None:
+        from fusion.models import available_models
+        from fusion.train.baselines import BASELINES
+
+        if self.model not in available_models() and self.model not in BASELINES:
+            raise ValueError(f"Unknown model '{self.model}'; available: "
+                             f"{', '.join(available_models() + list(BASELINES))}")
         for name in ("folds", "epochs", "batch_size", "max_tiles", "hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -59,7 +65,7 @@ class TrainConfig:
 
 
 LOSSES = {"cox": cox_loss, "weighted_cox": weighted_cox_loss, "efron": efron_cox_loss}
-MULTIMODAL = {"coattn", "biofusion"}  # models that read genomics and clinical data
+MULTIMODAL = {"coattn", "biofusion", "genomics_snn"}  # models that read genomics and clinical data
 
 
 def _seed_everything(seed: int) -> np.random.Generator:

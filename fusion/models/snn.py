@@ -1,0 +1,47 @@
+"""`genomics_snn`: a genomics (+ clinical) only network, the single-modality baseline of MCAT and
+BioFusionNet: a self-normalising MLP (Klambauer et al. 2017) on the selected genes. Tiles are ignored."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fusion.models.coattn import snn
+from fusion.models.registry import register_model
+
+
+class GenomicsSNN(nn.Module):
+    def __init__(self, genomic_dim: int, clinical_dim: int = 0, hidden: int = 128, dropout: float = 0.25,
+                 n_outputs: int = 1, in_dim: int = 1):
+        super().__init__()
+        self.register_buffer("feat_mean", torch.zeros(in_dim))  # unused: kept for a uniform trainer
+        self.register_buffer("feat_std", torch.ones(in_dim))
+        self.body = snn(genomic_dim + clinical_dim, hidden, dropout)
+        self.missing = nn.Parameter(torch.zeros(hidden))
+        self.head = nn.Linear(hidden, n_outputs)
+        self.genomic_dim, self.clinical_dim, self.n_outputs = genomic_dim, clinical_dim, n_outputs
+
+    def set_normalisation(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        pass
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor, genomics: torch.Tensor | None = None,
+                genomics_mask: torch.Tensor | None = None, clinical: torch.Tensor | None = None, **_) -> dict:
+        b = features.shape[0]
+        if genomics is None:
+            genomics = features.new_zeros(b, self.genomic_dim)
+            genomics_mask = torch.zeros(b, dtype=torch.bool, device=features.device)
+        parts = [genomics]
+        if self.clinical_dim:
+            parts.append(clinical if clinical is not None else features.new_zeros(b, self.clinical_dim))
+        h = self.body(torch.cat(parts, 1))
+        h = torch.where(genomics_mask[:, None], h, self.missing.to(h.dtype))
+        out = self.head(h).float()
+        attention = mask.float() / mask.float().sum(1, keepdim=True).clamp_min(1)  # uniform: tiles unused
+        return {"risk": out.squeeze(-1), "attention": attention} if self.n_outputs == 1 else \
+            {"logits": out, "attention": attention}
+
+
+@register_model("genomics_snn")
+def build_genomics_snn(in_dim: int = 1, n_outputs: int = 1, hidden: int = 128, dropout: float = 0.25,
+                       genomic_dim: int = 16, clinical_dim: int = 0, **_) -> GenomicsSNN:
+    return GenomicsSNN(genomic_dim, clinical_dim, hidden, dropout, n_outputs, in_dim)
