@@ -42,6 +42,11 @@ def test_stage_commands_on_a_small_cohort(tiny_cohort, tmp_path):
     assert train.exit_code == 0, train.output
     assert "C-index" in train.output and "oracle" in train.output
     assert runner.invoke(app, ["evaluate", str(run)]).exit_code == 0
+    baseline = runner.invoke(app, ["train", str(run), "--model", "clinical_cox", "--folds", "3"])
+    assert baseline.exit_code == 0, baseline.output
+    table = runner.invoke(app, ["compare", str(run)])
+    assert table.exit_code == 0 and "abmil" in table.output and "clinical_cox" in table.output
+    assert (run / "analysis" / "comparison.csv").exists()
     missing = runner.invoke(app, ["train", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "not a run folder" in missing.output
 

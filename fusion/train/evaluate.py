@@ -39,6 +39,28 @@ def evaluate_predictions(model_dir: str | Path, cohort: Cohort) -> dict:
     return result
 
 
+def compare_models(models_root: str | Path, cohort: Cohort, out_dir: str | Path | None = None) -> pd.DataFrame:
+    """One row per trained model or baseline in RUN/models/: C-index mean ± sd over folds (+ oracle),
+    best first; written to `out_dir/comparison.csv` when given."""
+    rows = []
+    for model_dir in sorted(Path(models_root).iterdir()) if Path(models_root).exists() else []:
+        if (model_dir / "predictions.parquet").exists():
+            r = evaluate_predictions(model_dir, cohort)
+            rows.append({"model": r["model"], "c_index_mean": r["c_index_mean"], "c_index_sd": r["c_index_sd"],
+                         "folds": len(r["folds"]), "oracle_c_index_mean": r.get("oracle_c_index_mean"),
+                         "fraction_of_oracle": r.get("fraction_of_oracle")})
+    table = pd.DataFrame(rows)
+    if len(table):
+        table = table.sort_values("c_index_mean", ascending=False).reset_index(drop=True)
+    if out_dir is not None and len(table):
+        from fusion.storage import atomic_path
+
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        with atomic_path(Path(out_dir) / "comparison.csv") as tmp:
+            table.to_csv(tmp, index=False)
+    return table
+
+
 def _truth(cohort: Cohort) -> pd.Series | None:
     path = cohort.root / "truth" / "patients.csv"
     if not path.exists():
@@ -58,4 +80,4 @@ def format_evaluation(result: dict) -> str:
     return line
 
 
-__all__ = ["evaluate_predictions", "format_evaluation"]
+__all__ = ["evaluate_predictions", "format_evaluation", "compare_models"]
