@@ -238,15 +238,17 @@ def train(
     epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping may end sooner).")] = 60,
     seed: Annotated[int, typer.Option(help="Seed: splits and initialisation.")] = 0,
     tile_set: Annotated[str, typer.Option("--set", help="Which tiling's features to train on.")] = "",
+    task: Annotated[str, typer.Option(help="survival (risk) or classification (the cohort's label).")] = "survival",
 ) -> None:
-    """Cross-validate a survival model; writes RUN/models/<model>/fold-<k>/ and predictions."""
+    """Cross-validate a model; writes RUN/models/<model>/fold-<k>/ and predictions."""
     from fusion.run import open_run
     from fusion.stages import evaluate_stage, train_stage
     from fusion.train.evaluate import format_evaluation
     from fusion.train.loop import TrainConfig
 
     try:
-        config = TrainConfig(model=model, encoder=encoder, folds=folds, epochs=epochs, seed=seed, tile_set=tile_set)
+        config = TrainConfig(model=model, encoder=encoder, folds=folds, epochs=epochs, seed=seed, tile_set=tile_set,
+                             task=task)
         layout, c = open_run(run)
         with _progress() as progress:
             bar = progress.add_task(f"training {model} ({folds} folds)", total=folds * epochs)
@@ -256,7 +258,8 @@ def train(
 
             train_stage(layout, c, config, on_epoch=on_epoch)
             progress.update(bar, completed=folds * epochs)
-        console.print(format_evaluation(evaluate_stage(layout, c, model)))
+        name = model if task == "survival" else f"{model}-classification"
+        console.print(format_evaluation(evaluate_stage(layout, c, name)))
     except (FusionError, ValueError) as e:
         _fail(e)
 
@@ -264,9 +267,11 @@ def train(
 @app.command()
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run folder with a trained model.")],
-    model: Annotated[str, typer.Option(help="Model name.")] = "abmil",
+    model: Annotated[str, typer.Option(help="Model folder name under RUN/models (e.g. abmil, "
+                                       "acmil-classification).")] = "abmil",
 ) -> None:
-    """C-index per fold (scikit-survival), mean ± sd, and the oracle C-index on synthetic data."""
+    """Per fold: C-index (scikit-survival) and the oracle C-index on synthetic data, or AUC and
+    balanced accuracy for a classifier; mean ± sd over folds."""
     from fusion.run import open_run
     from fusion.stages import evaluate_stage
     from fusion.train.evaluate import format_evaluation
@@ -276,6 +281,13 @@ def evaluate(
         result = evaluate_stage(layout, c, model)
     except (FusionError, ValueError) as e:
         _fail(e)
+    if result.get("task") == "classification":
+        table = Table("fold", "patients", "AUC", "balanced accuracy")
+        for f in result["folds"]:
+            table.add_row(str(f["fold"]), str(f["n"]), f"{f['auc']:.3f}", f"{f['balanced_accuracy']:.3f}")
+        console.print(table)
+        console.print(format_evaluation(result))
+        return
     table = Table("fold", "patients", "events", "C-index", *(["oracle"] if "oracle_c_index_mean" in result else []))
     for f in result["folds"]:
         extra = [f"{f['oracle_c_index']:.3f}"] if "oracle_c_index" in f else []

@@ -94,14 +94,16 @@ def train_stage(layout: RunLayout, cohort: Cohort, config: TrainConfig, on_epoch
     if len(bags) < config.folds * 2:
         raise RunError(f"only {len(bags)} patients have features for encoder '{config.encoder}' in "
                        f"{layout.root}; run `fusion extract` first (or use fewer folds)")
-    out = layout.model_dir(config.model)
+    out = layout.model_dir(config.model if config.task == "survival" else f"{config.model}-classification")
     if config.model in BASELINES:
+        if config.task != "survival":
+            raise RunError(f"baseline '{config.model}' is a survival model; use --task survival")
         summary = cross_validate_baseline(bags, config.model, config.folds, config.seed, config.max_genes, out)
     else:
         summary = cross_validate(bags, config, out, on_epoch=on_epoch)
     summary["patients_without_features"] = missing
-    layout.ledger.record("train", config.model, "done", outputs=[str(out)], config=asdict(config),
-                         c_index_mean=summary["c_index_mean"], excluded=missing)
+    layout.ledger.record("train", out.name, "done", outputs=[str(out)], config=asdict(config),
+                         score=summary.get("c_index_mean", summary.get("auc_mean")), excluded=missing)
     return summary
 
 
@@ -111,7 +113,7 @@ def evaluate_stage(layout: RunLayout, cohort: Cohort, model: str) -> dict:
         raise RunError(f"no predictions in {model_dir}; run `fusion train` first")
     result = evaluate_predictions(model_dir, cohort)
     layout.ledger.record("evaluate", model, "done", outputs=[str(model_dir / "evaluation.json")],
-                         c_index_mean=result["c_index_mean"])
+                         score=result.get("c_index_mean", result.get("auc_mean")))
     return result
 
 

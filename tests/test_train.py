@@ -127,3 +127,25 @@ def test_baselines_share_the_folds_and_learn(baseline, tiny_run):
 def test_unknown_model_name_is_refused_early():
     with pytest.raises(ValueError, match="Unknown model 'cox'; available: abmil, .*clinical_cox, rsf"):
         TrainConfig(model="cox")
+
+
+@pytest.mark.parametrize("model", ["abmil", "acmil"])
+def test_classification_head_learns_the_label(model, tiny_run):
+    layout, cohort = open_run(tiny_run)
+    train_stage(layout, cohort, TrainConfig(model=model, task="classification", folds=3, epochs=30, patience=10))
+    result = evaluate_stage(layout, cohort, f"{model}-classification")
+    assert result["auc_mean"] > 0.6, result
+    preds = pd.read_parquet(layout.model_dir(f"{model}-classification") / "predictions.parquet")
+    probs = preds[["prob_luminal_a", "prob_luminal_b"]].to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_survival_predictions_carry_curves(trained):
+    layout, _, _ = trained
+    preds = pd.read_parquet(layout.model_dir("abmil") / "predictions.parquet")
+    surv = preds[[c for c in preds.columns if c.startswith("surv_")]].to_numpy()
+    assert surv.shape[1] == 3 and ((surv >= 0) & (surv <= 1)).all()
+    assert (np.diff(surv, axis=1) <= 1e-9).all()  # survival never rises with time
+    # Higher risk, lower survival at every horizon (within a fold: same baseline hazard).
+    fold = preds[preds.fold == 0].sort_values("risk")
+    assert (np.diff(fold.filter(like="surv_").to_numpy(), axis=0) <= 1e-9).all()

@@ -27,13 +27,16 @@ class Bags:
     clinical: pd.DataFrame | None = None  # [P, C] raw clinical columns
     clinical_types: dict[str, str] = field(default_factory=dict)
     tab: dict[str, np.ndarray] = field(default_factory=dict)  # preprocessed, per patient (see Preprocessor)
+    label: np.ndarray | None = None  # [P] class index (classification), -1 where unknown
+    classes: list[str] = field(default_factory=list)
 
     def subset(self, idx: np.ndarray) -> Bags:
         idx = np.asarray(idx, dtype=int)
         return Bags([self.ids[i] for i in idx], [self.features[i] for i in idx], self.time[idx], self.event[idx],
                     None if self.genomics is None else self.genomics[idx], self.gene_names,
                     None if self.clinical is None else self.clinical.iloc[idx].reset_index(drop=True),
-                    self.clinical_types, {k: v[idx] for k, v in self.tab.items()})
+                    self.clinical_types, {k: v[idx] for k, v in self.tab.items()},
+                    None if self.label is None else self.label[idx], self.classes)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -84,9 +87,14 @@ def load_bags(layout: RunLayout, cohort: Cohort, encoder: str, tile_set: str = "
         genes = list(cohort.genomics.columns)
         genomics = cohort.genomics.reindex(ids).to_numpy(dtype=float)
     clinical = pts[list(cohort.spec.clinical)].reset_index(drop=True) if cohort.spec.clinical else None
+    label, classes = None, []
+    if cohort.spec.label:
+        values = pts[cohort.spec.label]
+        classes = sorted(cohort.patients[cohort.spec.label].dropna().astype(str).unique().tolist())
+        label = np.array([classes.index(str(v)) if pd.notna(v) else -1 for v in values], dtype=int)
     bags = Bags(ids, feats, pts[cohort.spec.outcome.time].to_numpy(float),
                 pts[cohort.spec.outcome.event].to_numpy().astype(bool), genomics, genes, clinical,
-                dict(cohort.spec.clinical))
+                dict(cohort.spec.clinical), label=label, classes=classes)
     return bags, missing
 
 

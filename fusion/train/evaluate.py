@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from fusion.cohort import Cohort
@@ -19,6 +20,8 @@ def evaluate_predictions(model_dir: str | Path, cohort: Cohort) -> dict:
     """Per-fold and mean C-index of `model_dir/predictions.parquet` (+ oracle when known)."""
     model_dir = Path(model_dir)
     preds = pd.read_parquet(model_dir / "predictions.parquet")
+    if "risk" not in preds.columns:
+        return _evaluate_classification(model_dir, preds)
     truth = _truth(cohort)
     rows = []
     for fold, p in preds.groupby("fold"):
@@ -39,6 +42,28 @@ def evaluate_predictions(model_dir: str | Path, cohort: Cohort) -> dict:
     return result
 
 
+def _evaluate_classification(model_dir: Path, preds: pd.DataFrame) -> dict:
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    classes = [c[len("prob_"):] for c in preds.columns if c.startswith("prob_")]
+    rows = []
+    for fold, p in preds.groupby("fold"):
+        probs = p[[f"prob_{c}" for c in classes]].to_numpy()
+        y = np.array([classes.index(v) for v in p.label])
+        score = float("nan")
+        if len(set(y)) > 1:
+            score = roc_auc_score(y, probs[:, 1]) if len(classes) == 2 else \
+                roc_auc_score(y, probs, multi_class="ovr", labels=list(range(len(classes))))
+        rows.append({"fold": int(fold), "n": len(p), "auc": float(score),
+                     "balanced_accuracy": float(balanced_accuracy_score(p.label, p.predicted))})
+    table = pd.DataFrame(rows)
+    result = {"model": model_dir.name, "task": "classification", "classes": classes, "folds": rows,
+              "auc_mean": float(table.auc.mean()), "auc_sd": float(table.auc.std(ddof=1)),
+              "balanced_accuracy_mean": float(table.balanced_accuracy.mean())}
+    write_json(model_dir / "evaluation.json", result)
+    return result
+
+
 def compare_models(models_root: str | Path, cohort: Cohort, out_dir: str | Path | None = None) -> pd.DataFrame:
     """One row per trained model or baseline in RUN/models/: C-index mean ± sd over folds (+ oracle),
     best first; written to `out_dir/comparison.csv` when given."""
@@ -46,6 +71,8 @@ def compare_models(models_root: str | Path, cohort: Cohort, out_dir: str | Path 
     for model_dir in sorted(Path(models_root).iterdir()) if Path(models_root).exists() else []:
         if (model_dir / "predictions.parquet").exists():
             r = evaluate_predictions(model_dir, cohort)
+            if r.get("task") == "classification":
+                continue
             rows.append({"model": r["model"], "c_index_mean": r["c_index_mean"], "c_index_sd": r["c_index_sd"],
                          "folds": len(r["folds"]), "oracle_c_index_mean": r.get("oracle_c_index_mean"),
                          "fraction_of_oracle": r.get("fraction_of_oracle")})
@@ -72,6 +99,9 @@ def _truth(cohort: Cohort) -> pd.Series | None:
 
 
 def format_evaluation(result: dict) -> str:
+    if result.get("task") == "classification":
+        return (f"{result['model']}: AUC {result['auc_mean']:.3f} ± {result['auc_sd']:.3f} (mean ± sd over folds), "
+                f"balanced accuracy {result['balanced_accuracy_mean']:.3f}")
     line = (f"{result['model']}: C-index {result['c_index_mean']:.3f} ± {result['c_index_sd']:.3f}"
             " (mean ± sd over folds)")
     if "oracle_c_index_mean" in result:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from fusion.features.extract import pick_device
 from fusion.models import create_model
@@ -38,6 +39,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     seed: int = 0
     device: str = "auto"
+    task: str = "survival"  # survival | classification (the cohort's `label` column)
     loss: str = "auto"  # cox | weighted_cox | efron; auto: weighted_cox for biofusion, else cox
     max_genes: int = 256  # most variable genes of the training fold kept for fusion models
 
@@ -55,6 +57,8 @@ class TrainConfig:
             raise ValueError("batch_size must be >= 2: a Cox loss compares patients within a batch")
         if not 0 < self.val_fraction < 0.5:
             raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if self.task not in ("survival", "classification"):
+            raise ValueError(f"task must be 'survival' or 'classification', got '{self.task}'")
         if self.loss not in LOSSES and self.loss != "auto":
             raise ValueError(f"loss must be one of auto, {', '.join(LOSSES)}; got '{self.loss}'")
 
@@ -75,27 +79,49 @@ def _seed_everything(seed: int) -> np.random.Generator:
 
 @torch.no_grad()
 def predict_risk(model: torch.nn.Module, bags: Bags, device: torch.device, batch_size: int = 8) -> np.ndarray:
-    """Risk [P] for every bag, all tiles used."""
+    """Risk [P] (survival) or class probabilities [P, C] (classification) for every bag, all tiles used."""
     model.eval()
     out = []
     for start in range(0, len(bags), batch_size):
         x, mask = collate(bags.features[start : start + batch_size], None, None)
         tab = tabular_batch(bags, slice(start, start + batch_size), device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out.append(model(x.to(device), mask.to(device), **tab)["risk"].float().cpu().numpy())
+            result = model(x.to(device), mask.to(device), **tab)
+        if "risk" in result:
+            out.append(result["risk"].float().cpu().numpy())
+        else:
+            out.append(torch.softmax(result["logits"].float(), -1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
+def auc(label: np.ndarray, probs: np.ndarray) -> float:
+    """ROC AUC (binary: of the second class; multi-class: macro one-vs-rest); NaN if one class only."""
+    from sklearn.metrics import roc_auc_score
+
+    if len(np.unique(label)) < 2:
+        return float("nan")
+    if probs.shape[1] == 2:
+        return float(roc_auc_score(label, probs[:, 1]))
+    return float(roc_auc_score(label, probs, multi_class="ovr", labels=list(range(probs.shape[1]))))
+
+
 def model_kwargs(config: TrainConfig, bags: Bags, prep: Preprocessor | None) -> dict:
-    kwargs = {"in_dim": bags.dim, "hidden": config.hidden, "dropout": config.dropout}
+    kwargs = {"in_dim": bags.dim, "hidden": config.hidden, "dropout": config.dropout,
+              "n_outputs": len(bags.classes) if config.task == "classification" else 1}
     if prep is not None and config.model in MULTIMODAL:
         kwargs.update(genomic_dim=max(1, len(prep.genes)), groups=prep.groups, clinical_dim=prep.clinical_dim)
     return kwargs
 
 
-def _loss(out: dict, time: torch.Tensor, event: torch.Tensor, loss_fn) -> torch.Tensor:
+def _loss(out: dict, time: torch.Tensor, event: torch.Tensor, label: torch.Tensor, loss_fn) -> torch.Tensor:
+    if "logits" in out:  # classification
+        loss = F.cross_entropy(out["logits"], label) + out.get("aux_loss", 0.0)
+        if "branch_outputs" in out:  # ACMIL: every branch is trained on the target too
+            branch = out["branch_outputs"]
+            loss = loss + sum(F.cross_entropy(branch[:, m], label) for m in range(branch.shape[1])) / branch.shape[1]
+        return loss
     loss = loss_fn(out["risk"], time, event) + out.get("aux_loss", 0.0)
-    if "branch_risk" in out:  # ACMIL: every branch is trained on the target too
+    if "branch_risk" in out:
         branch = out["branch_risk"]
         loss = loss + sum(loss_fn(branch[:, m], time, event) for m in range(branch.shape[1])) / branch.shape[1]
     return loss
@@ -114,6 +140,8 @@ def fit(bags: Bags, val: Bags, config: TrainConfig, seed: int,
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     time_t = torch.as_tensor(bags.time, dtype=torch.float32)
     event_t = torch.as_tensor(bags.event, dtype=torch.float32)
+    classify = config.task == "classification"
+    label_t = torch.as_tensor(bags.label if classify else np.zeros(len(bags), int), dtype=torch.long)
 
     best, best_state, history, stale = (-np.inf, np.inf), None, [], 0
     for epoch in range(config.epochs):
@@ -122,23 +150,29 @@ def fit(bags: Bags, val: Bags, config: TrainConfig, seed: int,
         losses = []
         for start in range(0, len(order), config.batch_size):
             idx = order[start : start + config.batch_size]
-            if len(idx) < 2 or not bags.event[idx].any():
+            if len(idx) < 2 or (not classify and not bags.event[idx].any()):
                 continue  # no risk set to learn from
             x, mask = collate([bags.features[i] for i in idx], config.max_tiles, rng)
             tab = tabular_batch(bags, idx, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 out = model(x.to(device), mask.to(device), **tab)
-            loss = _loss(out, time_t[idx].to(device), event_t[idx].to(device), config.loss_fn)
+            loss = _loss(out, time_t[idx].to(device), event_t[idx].to(device), label_t[idx].to(device),
+                         config.loss_fn)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
-        val_risk = predict_risk(model, val, device)
-        val_c = concordance(val.time, val.event, val_risk)
-        val_loss = float(cox_loss(torch.from_numpy(val_risk), torch.from_numpy(val.time),
-                                  torch.from_numpy(val.event.astype(np.float32))))
+        val_out = predict_risk(model, val, device)
+        if classify:
+            val_c = auc(val.label, val_out)
+            val_loss = float(F.nll_loss(torch.log(torch.from_numpy(val_out).clamp_min(1e-7)),
+                                        torch.from_numpy(val.label)))
+        else:
+            val_c = concordance(val.time, val.event, val_out)
+            val_loss = float(cox_loss(torch.from_numpy(val_out), torch.from_numpy(val.time),
+                                      torch.from_numpy(val.event.astype(np.float32))))
         record = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
-                  "val_c_index": val_c, "val_loss": val_loss}
+                  "val_c_index" if not classify else "val_auc": val_c, "val_loss": val_loss}
         history.append(record)
         if on_epoch:
             on_epoch(epoch, record)
@@ -154,36 +188,75 @@ def fit(bags: Bags, val: Bags, config: TrainConfig, seed: int,
     return model.eval(), history
 
 
+def survival_horizons(bags: Bags) -> list[float]:
+    """Times at which predicted survival is reported: quartiles of the observed event times."""
+    times = bags.time[bags.event] if bags.event.any() else bags.time
+    return [float(np.round(q, 1)) for q in np.quantile(times, [0.25, 0.5, 0.75])]
+
+
+def survival_curves(train_risk: np.ndarray, train: Bags, test_risk: np.ndarray, horizons: list[float]) -> np.ndarray:
+    """S(t | x) [P, T] at `horizons`, Breslow's baseline hazard estimated on the training fold."""
+    from sksurv.linear_model.coxph import BreslowEstimator
+
+    breslow = BreslowEstimator().fit(train_risk, train.event, train.time)
+    return np.stack([[fn(min(h, fn.x[-1])) for h in horizons] for fn in breslow.get_survival_function(test_risk)])
+
+
 def cross_validate(bags: Bags, config: TrainConfig, out_dir: str | Path,
                    on_epoch: Callable[[int, int, dict], None] | None = None) -> dict:
     """Patient-level k-fold CV; per fold writes model, config, metrics and predictions.
 
-    Returns the CV summary (also written to `out_dir/cv_metrics.json`).
+    Survival: folds stratified by event; predictions hold the risk and the survival probability at
+    the quartiles of the event times (Breslow baseline of the training fold). Classification:
+    folds stratified by label; predictions hold every class probability. Returns the CV summary
+    (also written to `out_dir/cv_metrics.json`).
     """
     out_dir = Path(out_dir)
     device = pick_device(config.device)
-    folds = cv_folds(bags.event, config.folds, config.seed)
+    classify = config.task == "classification"
+    if classify:
+        if bags.label is None:
+            raise ValueError("the cohort has no `label` column in cohort.yaml: cannot train a classifier")
+        known = bags.label >= 0
+        bags = bags.subset(np.flatnonzero(known))
+    strata = bags.label if classify else bags.event
+    folds = cv_folds(strata, config.folds, config.seed)
+    horizons = survival_horizons(bags)
     fold_metrics, all_preds = [], []
     config_hash = hash_config(asdict(config))
+    metric = "auc" if classify else "c_index"
     for k, (train_idx, test_idx) in enumerate(folds):
         # Scaling, imputation and gene selection are fitted on the training fold only.
         prep = Preprocessor(config.max_genes).fit(bags.subset(train_idx))
         bags.tab = prep.transform(bags)
         train, test = bags.subset(train_idx), bags.subset(test_idx)
-        fit_idx, val_idx = inner_split(train.event, config.val_fraction, config.seed + k)
+        fit_idx, val_idx = inner_split(train.label if classify else train.event, config.val_fraction, config.seed + k)
         model, history = fit(train.subset(fit_idx), train.subset(val_idx), config, seed=config.seed * 1000 + k,
                              on_epoch=(lambda e, r, k=k: on_epoch(k, e, r)) if on_epoch else None, prep=prep)
-        risk = predict_risk(model, test, device)
-        c = concordance(test.time, test.event, risk)
-        preds = pd.DataFrame({"patient_id": test.ids, "fold": k, "risk": risk,
-                              "time": test.time, "event": test.event.astype(int)})
+        out = predict_risk(model, test, device)
+        preds = pd.DataFrame({"patient_id": test.ids, "fold": k, "time": test.time, "event": test.event.astype(int)})
+        if classify:
+            score = auc(test.label, out)
+            preds["label"] = [bags.classes[i] for i in test.label]
+            for c, name in enumerate(bags.classes):
+                preds[f"prob_{name}"] = out[:, c]
+            preds["predicted"] = [bags.classes[i] for i in out.argmax(1)]
+        else:
+            score = concordance(test.time, test.event, out)
+            preds["risk"] = out
+            curves = survival_curves(predict_risk(model, train, device), train, out, horizons)
+            for j, h in enumerate(horizons):
+                preds[f"surv_{h:g}"] = curves[:, j]
         fold_dir = out_dir / f"fold-{k}"
         save_checkpoint(model.cpu(), config.model, model_kwargs(config, bags, prep),
                         fold_dir, extra={"train_config": asdict(config), "config_hash": config_hash,
-                                         "fold": k, "encoder": config.encoder, "preprocessor": prep.state()})
-        metrics = {"fold": k, "c_index": c, "n_test": len(test), "n_test_events": int(test.event.sum()),
+                                         "fold": k, "encoder": config.encoder, "preprocessor": prep.state(),
+                                         "classes": bags.classes, "horizons": horizons})
+        model.to(device)
+        val_key = "val_auc" if classify else "val_c_index"
+        metrics = {"fold": k, metric: score, "n_test": len(test), "n_test_events": int(test.event.sum()),
                    "n_train": len(fit_idx), "n_val": len(val_idx),
-                   "best_epoch": int(np.argmax([np.nan_to_num(h["val_c_index"], nan=0.5) for h in history])),
+                   "best_epoch": int(np.argmax([np.nan_to_num(h[val_key], nan=0.5) for h in history])),
                    "history": history}
         write_json(fold_dir / "metrics.json", metrics)
         with atomic_path(fold_dir / "predictions.parquet") as tmp:
@@ -191,11 +264,15 @@ def cross_validate(bags: Bags, config: TrainConfig, out_dir: str | Path,
         fold_metrics.append(metrics)
         all_preds.append(preds)
 
-    cs = np.array([m["c_index"] for m in fold_metrics], float)
-    summary = {"model": config.model, "encoder": config.encoder, "folds": config.folds,
-               "c_index_mean": float(np.nanmean(cs)), "c_index_sd": float(np.nanstd(cs, ddof=1)),
-               "c_index_folds": cs.tolist(), "n_patients": len(bags),
+    scores = np.array([m[metric] for m in fold_metrics], float)
+    summary = {"model": config.model, "task": config.task, "encoder": config.encoder, "folds": config.folds,
+               f"{metric}_mean": float(np.nanmean(scores)), f"{metric}_sd": float(np.nanstd(scores, ddof=1)),
+               f"{metric}_folds": scores.tolist(), "n_patients": len(bags),
                "n_events": int(bags.event.sum()), "config": asdict(config), "config_hash": config_hash}
+    if classify:
+        summary["classes"] = bags.classes
+    else:
+        summary["horizons"] = horizons
     write_json(out_dir / "cv_metrics.json", summary)
     with atomic_path(out_dir / "predictions.parquet") as tmp:
         pd.concat(all_preds).to_parquet(tmp, index=False)
