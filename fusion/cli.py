@@ -297,6 +297,25 @@ def evaluate(
 
 
 @app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run folder holding the patients to score (features extracted).")],
+    model_dir: Annotated[Path, typer.Option(help="A trained model folder, e.g. OTHER_RUN/models/biofusion.")],
+    out: Annotated[Path | None, typer.Option(help="Output parquet (default RUN/predictions/<model>.parquet).")] = None,
+) -> None:
+    """Score patients with a trained model (mean of its fold checkpoints); checkpoints are verified by hash."""
+    from fusion.run import open_run
+    from fusion.train.predict import predict_patients
+
+    try:
+        layout, c = open_run(run)
+        target = out or layout.root / "predictions" / f"{model_dir.name}.parquet"
+        table = predict_patients(model_dir, layout, c, target)
+    except (FusionError, ValueError) as e:
+        _fail(e)
+    console.print(f"{len(table)} patient(s) scored with {model_dir.name} ({table.folds.iat[0]} folds) -> {target}")
+
+
+@app.command()
 def compare(run: Annotated[Path, typer.Argument(help="Run folder with trained models.")]) -> None:
     """Table of every model and baseline trained in RUN: C-index mean ± sd over the same folds."""
     from fusion.run import open_run

@@ -149,3 +149,24 @@ def test_survival_predictions_carry_curves(trained):
     # Higher risk, lower survival at every horizon (within a fold: same baseline hazard).
     fold = preds[preds.fold == 0].sort_values("risk")
     assert (np.diff(fold.filter(like="surv_").to_numpy(), axis=0) <= 1e-9).all()
+
+
+def test_predict_scores_new_patients_with_the_fold_ensemble(trained, tmp_path):
+    from typer.testing import CliRunner
+
+    from fusion.cli import app
+
+    layout, cohort, _ = trained
+    out = tmp_path / "scores.parquet"
+    result = CliRunner().invoke(app, ["predict", str(layout.root), "--model-dir", str(layout.model_dir("abmil")),
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    scores = pd.read_parquet(out)
+    assert len(scores) == 60 and scores.folds.iat[0] == 3 and np.isfinite(scores.risk).all()
+    # The ensemble ranks patients much like the out-of-fold predictions do.
+    oof = pd.read_parquet(layout.model_dir("abmil") / "predictions.parquet").set_index("patient_id")
+    from scipy.stats import spearmanr
+
+    assert spearmanr(scores.set_index("patient_id").risk, oof.loc[scores.patient_id].risk)[0] > 0.5
+    missing = CliRunner().invoke(app, ["predict", str(layout.root), "--model-dir", str(tmp_path)])
+    assert missing.exit_code == 2 and "no fold checkpoints" in missing.output
