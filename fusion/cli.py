@@ -155,6 +155,7 @@ def extract(
     tile_set: Annotated[str, typer.Option("--set", help="Which tiling to encode (see `fusion tile --set`).")] = "",
     min_sharpness: Annotated[float | None, typer.Option(help="Drop out-of-focus tiles: Laplacian variance "
                                                         "below this (each file stores every tile's value).")] = None,
+    stain_normalize: Annotated[bool, typer.Option(help="Macenko stain normalisation, estimated per slide.")] = False,
 ) -> None:
     """Encode every tile with the chosen encoder(s) into RUN/features/<encoder>/<slide>.h5."""
     from fusion.features import ExtractConfig
@@ -166,7 +167,8 @@ def extract(
         encoders = build_encoders(encoder, layout)
     except (FusionError, ValueError) as e:
         _fail(e)
-    config = ExtractConfig(batch_size=batch_size, num_workers=workers, min_sharpness=min_sharpness)
+    config = ExtractConfig(batch_size=batch_size, num_workers=workers, min_sharpness=min_sharpness,
+                           stain_normalize=stain_normalize)
     results = []
     with _progress() as progress:
         for sid, path in progress.track(slide_rows(c), description="extracting features"):

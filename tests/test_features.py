@@ -93,3 +93,55 @@ def test_out_of_focus_tiles_are_measured_and_dropped(tmp_path):
     assert not any(tuple(c) in kept for c in coords[inside])
     assert all(tuple(c) in kept for c in coords[outside])
     assert result["tiles_out_of_focus"] == attrs["tiles_out_of_focus"] >= inside.sum()
+
+
+def _stained_tiles(he: np.ndarray, amounts: tuple[float, float], n: int = 32, size: int = 64) -> torch.Tensor:
+    """Beer-Lambert phantom tiles: haematoxylin nuclei on eosin cytoplasm, some glass."""
+    import cv2
+
+    tiles = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        h = np.zeros((size, size), np.float32)
+        for _ in range(12):
+            cv2.circle(h, (int(rng.integers(0, size)), int(rng.integers(0, size))), int(rng.integers(2, 5)), 1.0, -1)
+        h = cv2.GaussianBlur(h, (0, 0), 0.8) * 1.2
+        e = (0.35 + 0.2 * cv2.GaussianBlur(rng.random((size, size)).astype(np.float32), (0, 0), 4)) * (1 - h.clip(0, 1))
+        conc = np.stack([h * amounts[0], e * amounts[1]])
+        conc[:, rng.random((size, size)) < 0.2] = 0
+        tiles.append((240 * np.exp(-np.einsum("cs,shw->hwc", he, conc))).clip(0, 255).astype(np.uint8))
+    return torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous()
+
+
+def test_macenko_recovers_stains_and_maps_two_labs_together():
+    from fusion.features.stain import MacenkoNormalizer, estimate_stains
+
+    def unit(v):
+        return v / np.linalg.norm(v, axis=0, keepdims=True)
+
+    def pixels(t):
+        return t.permute(0, 2, 3, 1).numpy()
+
+    he_a = unit(np.array([[0.65, 0.07], [0.70, 0.99], [0.29, 0.11]]))  # Ruifrok's H and E
+    he_b = unit(np.array([[0.55, 0.15], [0.78, 0.95], [0.30, 0.25]]))  # another lab's reagents
+    lab_a, lab_b = _stained_tiles(he_a, (1.0, 1.0)), _stained_tiles(he_b, (1.4, 0.7))
+    he, _ = estimate_stains(pixels(lab_a))
+    cosines = (unit(he) * he_a).sum(0)
+    assert (cosines > 0.995).all(), cosines  # both stain vectors, in the right order (H first)
+    a = MacenkoNormalizer.fit(pixels(lab_a))(lab_a).float()
+    b = MacenkoNormalizer.fit(pixels(lab_b))(lab_b).float()
+    assert (a - b).abs().mean() < 0.2 * (lab_a.float() - lab_b.float()).abs().mean()
+
+
+def test_extraction_with_stain_normalisation(tiny_cohort, tmp_path):
+    row = pd.read_csv(tiny_cohort / "slides.csv").iloc[0]
+    path = tiny_cohort / row.path
+    tile_slide(path, row.slide_id, tmp_path / "tiles")
+    tiles = tmp_path / "tiles" / f"{row.slide_id}.h5"
+    enc = [create_encoder("morph")]
+    extract_slide(path, tiles, row.slide_id, tmp_path / "raw", enc)
+    result = extract_slide(path, tiles, row.slide_id, tmp_path / "norm", enc, ExtractConfig(stain_normalize=True))
+    raw, _, _ = read_features(tmp_path / "raw" / "morph" / f"{row.slide_id}.h5")
+    norm, _, attrs = read_features(tmp_path / "norm" / "morph" / f"{row.slide_id}.h5")
+    assert attrs["encoder_version"].endswith("+macenko") and not result["skipped"]
+    assert np.isfinite(norm).all() and not np.allclose(raw, norm)

@@ -32,6 +32,7 @@ class ExtractConfig:
     device: str = "auto"  # "auto": CUDA when present, else CPU
     store_dtype: str = "float16"
     min_sharpness: float | None = None  # drop out-of-focus tiles below this Laplacian variance (None: keep all)
+    stain_normalize: bool = False  # Macenko, estimated once per slide (fusion/features/stain.py)
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -96,10 +97,11 @@ def extract_slide(
     coords, attrs = read_coords(tiles_h5)
     tiles_hash = str(attrs.get("inputs_hash", hash_config(coords.tolist())))
     todo, outputs = [], {}
+    stain = "+macenko" if config.stain_normalize else ""
     for enc in encoders:
         out = Path(out_root) / enc.name / subdir / f"{slide_id}.h5"
         outputs[enc.name] = str(out)
-        if force or not _is_current(out, tiles_hash, enc.version):
+        if force or not _is_current(out, tiles_hash, enc.version + stain):
             todo.append(enc)
     summary = {"slide_id": slide_id, "n_tiles": int(len(coords)), "outputs": outputs,
                "inputs_hash": hash_config({"tiles": tiles_hash, "encoders": [e.version for e in encoders]}),
@@ -115,6 +117,7 @@ def extract_slide(
             enc.to(device)
         out_size = max(enc.input_size for enc in todo)
         dataset = TileDataset(slide_path, coords, attrs, out_size, mpp=float(attrs["level0_mpp"]))
+        normalizer = _fit_normalizer(dataset).to(device) if config.stain_normalize else None
         # forkserver: workers start from a clean process, not a fork of one that runs threads
         # (Prefect's task runner and API client), which can deadlock or die in the child.
         loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers,
@@ -123,6 +126,8 @@ def extract_slide(
         start = 0
         for batch in loader:
             batch = batch.to(device, non_blocking=True)
+            if normalizer is not None:
+                batch = normalizer(batch)
             sharpness[start : start + len(batch)] = laplacian_variance(batch).cpu().numpy()
             with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
                                                          enabled=device.type == "cuda"):
@@ -133,13 +138,21 @@ def extract_slide(
     keep = np.ones(len(coords), bool) if config.min_sharpness is None else sharpness >= config.min_sharpness
     for enc in todo:
         write_features(Path(outputs[enc.name]), feats[enc.name][keep], coords[keep],
-                       {**_plain(attrs), "encoder": enc.name, "encoder_version": enc.version,
+                       {**_plain(attrs), "encoder": enc.name, "encoder_version": enc.version + stain,
                         "dim": enc.dim, "tiles_hash": tiles_hash, "slide_id": slide_id,
                         "min_sharpness": -1.0 if config.min_sharpness is None else config.min_sharpness,
                         "tiles_out_of_focus": int((~keep).sum())},
                        sharpness=sharpness[keep])
     summary["tiles_out_of_focus"] = int((~keep).sum())
     return summary
+
+
+def _fit_normalizer(dataset: TileDataset, n: int = 64):
+    """Macenko stains of the slide, from up to `n` tiles spread over it."""
+    from fusion.features.stain import MacenkoNormalizer
+
+    idx = np.unique(np.linspace(0, len(dataset) - 1, min(n, len(dataset))).astype(int))
+    return MacenkoNormalizer.fit(np.stack([dataset[i].permute(1, 2, 0).numpy() for i in idx]))
 
 
 def laplacian_variance(batch: torch.Tensor) -> torch.Tensor:
