@@ -64,27 +64,25 @@ def segment(rgb: np.ndarray, mpp: float, config: TissueConfig = TissueConfig()) 
     px = lambda um: max(1, int(round(um / mpp)))  # noqa: E731 - microns to pixels at this level
     smooth = cv2.medianBlur(rgb, _odd(px(config.blur_um)))
     hsv = cv2.cvtColor(smooth, cv2.COLOR_RGB2HSV)
-    hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    sat = hsv[..., 1]
 
-    ink = pen_mask(hue, sat, val) if config.remove_pen else np.zeros(rgb.shape[:2], bool)
+    ink = pen_mask(hsv) if config.remove_pen else np.zeros(rgb.shape[:2], bool)
     near_ink = ink
     if ink.any():
         k = _odd(2 * px(config.pen_margin_um) + 1)
         near_ink = cv2.dilate(ink.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))) > 0
 
-    darkest = np.minimum(np.minimum(smooth[..., 0], smooth[..., 1]), smooth[..., 2])
-    not_white = darkest < config.max_white
+    # cv2.inRange is an all-channels test: "not all channels >= x" is "some channel below x".
+    not_white = cv2.inRange(smooth, (config.max_white,) * 3, (255, 255, 255)) == 0
     valid = ~near_ink
     otsu, _ = cv2.threshold(sat[valid].reshape(-1, 1) if valid.any() else sat, 0, 255,
                             cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     threshold = min(max(otsu, config.min_saturation), config.max_saturation_threshold)
     stained = sat > threshold
     if config.min_density > 0:
-        # max_c log(glass_c / pixel_c) > d  <=>  min_c pixel_c / glass_c < exp(-d): no log, no float image
-        glass = glass_colour(smooth, sat)
-        r, g, b = (smooth[..., c] * np.float32(1 / glass[c]) for c in range(3))
-        ratio = np.minimum(np.minimum(r, g), b)
-        pale = (ratio < np.exp(-config.min_density)) & ~stained
+        # max_c log(glass_c / pixel_c) > d  <=>  some channel below glass_c * exp(-d): no log, no float image
+        floor = np.ceil(glass_colour(smooth, sat) * np.exp(-config.min_density)).clip(0, 255)
+        pale = (cv2.inRange(smooth, tuple(float(f) for f in floor), (255, 255, 255)) == 0) & ~stained
         # A low density floor also catches the one-pixel rim where stained tissue blends into glass;
         # an opening keeps pale regions (fat) and drops that rim, so borders are not pushed outwards.
         pale = cv2.morphologyEx(pale.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)) > 0
@@ -98,12 +96,13 @@ def segment(rgb: np.ndarray, mpp: float, config: TissueConfig = TissueConfig()) 
     return mask, ink
 
 
-def pen_mask(hue: np.ndarray, sat: np.ndarray, val: np.ndarray) -> np.ndarray:
-    """Ink: blue/green hues (OpenCV hue 35..121, i.e. 70-242 degrees; H&E lies in 250-360 and 0-30)
-    with real colour, or black (dark and grey). Haematoxylin's darkest purple sits at ~255 degrees."""
-    coloured = (hue >= 35) & (hue <= 121) & (sat > 60) & (val < 220)
-    black = (val < 80) & (sat < 90)
-    return coloured | black
+def pen_mask(hsv: np.ndarray) -> np.ndarray:
+    """Ink in an HSV uint8 image: blue/green hues (OpenCV hue 35..121, i.e. 70-242 degrees; H&E lies
+    in 250-360 and 0-30) with real colour, or black (dark and grey). Haematoxylin's darkest purple
+    sits at ~255 degrees."""
+    coloured = cv2.inRange(hsv, (35, 61, 0), (121, 255, 219))
+    black = cv2.inRange(hsv, (0, 0, 0), (180, 89, 79))
+    return (coloured | black) > 0
 
 
 def glass_colour(rgb: np.ndarray, sat: np.ndarray) -> np.ndarray:
