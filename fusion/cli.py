@@ -241,6 +241,8 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed: splits and initialisation.")] = 0,
     tile_set: Annotated[str, typer.Option("--set", help="Which tiling's features to train on.")] = "",
     task: Annotated[str, typer.Option(help="survival (risk) or classification (the cohort's label).")] = "survival",
+    loss: Annotated[str, typer.Option(help="Survival loss: auto, cox, efron, weighted_cox, nll (discrete time).")]
+    = "auto",
 ) -> None:
     """Cross-validate a model; writes RUN/models/<model>/fold-<k>/ and predictions."""
     from fusion.run import open_run
@@ -250,7 +252,7 @@ def train(
 
     try:
         config = TrainConfig(model=model, encoder=encoder, folds=folds, epochs=epochs, seed=seed, tile_set=tile_set,
-                             task=task)
+                             task=task, loss=loss)
         layout, c = open_run(run)
         with _progress() as progress:
             bar = progress.add_task(f"training {model} ({folds} folds)", total=folds * epochs)

@@ -170,3 +170,20 @@ def test_predict_scores_new_patients_with_the_fold_ensemble(trained, tmp_path):
     assert spearmanr(scores.set_index("patient_id").risk, oof.loc[scores.patient_id].risk)[0] > 0.5
     missing = CliRunner().invoke(app, ["predict", str(layout.root), "--model-dir", str(tmp_path)])
     assert missing.exit_code == 2 and "no fold checkpoints" in missing.output
+
+
+@pytest.mark.parametrize("model", ["abmil", "acmil"])
+def test_discrete_time_nll_training(model, tiny_run, tmp_path):
+    """MCAT's discrete-time head: bins from the training fold's event times, risk from hazards."""
+    layout, cohort = open_run(tiny_run)
+    bags, _ = load_bags(layout, cohort, "morph")
+    from fusion.train.loop import cross_validate
+
+    config = TrainConfig(model=model, loss="nll", n_bins=4, folds=3, epochs=60, patience=20, lr=1e-3)
+    summary = cross_validate(bags, config, tmp_path)
+    assert summary["c_index_mean"] > 0.6, summary
+    preds = pd.read_parquet(tmp_path / "predictions.parquet")
+    surv = preds.filter(like="surv_").to_numpy()
+    assert ((surv >= 0) & (surv <= 1)).all() and (np.diff(surv, axis=1) <= 1e-9).all()
+    _, config = load_checkpoint(tmp_path / "fold-0")
+    assert len(config["bin_edges"]) == 3 and config["model_kwargs"]["n_outputs"] == 4

@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from fusion.features.extract import pick_device
 from fusion.models import create_model
 from fusion.storage import atomic_path, hash_config, write_json
-from fusion.survival import concordance, cox_loss, efron_cox_loss, weighted_cox_loss
+from fusion.survival import (
+    concordance,
+    cox_loss,
+    discrete_time_bins,
+    efron_cox_loss,
+    nll_survival_loss,
+    weighted_cox_loss,
+)
 from fusion.train.checkpoint import save_checkpoint
 from fusion.train.data import Bags, Preprocessor, collate, feature_moments, tabular_batch
 from fusion.train.splits import cv_folds, inner_split
@@ -40,7 +47,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     task: str = "survival"  # survival | classification (the cohort's `label` column)
-    loss: str = "auto"  # cox | weighted_cox | efron; auto: weighted_cox for biofusion, else cox
+    loss: str = "auto"  # cox | weighted_cox | efron | nll; auto: weighted_cox for biofusion, else cox
+    n_bins: int = 4  # discrete-time bins for loss="nll" (quantiles of the training fold's event times)
     max_genes: int = 256  # most variable genes of the training fold kept for fusion models
 
     def __post_init__(self) -> None:
@@ -59,13 +67,18 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         if self.task not in ("survival", "classification"):
             raise ValueError(f"task must be 'survival' or 'classification', got '{self.task}'")
-        if self.loss not in LOSSES and self.loss != "auto":
-            raise ValueError(f"loss must be one of auto, {', '.join(LOSSES)}; got '{self.loss}'")
+        if self.loss not in LOSSES and self.loss not in ("auto", "nll"):
+            raise ValueError(f"loss must be one of auto, nll, {', '.join(LOSSES)}; got '{self.loss}'")
+
+    @property
+    def discrete(self) -> bool:
+        """Discrete-time hazards (MCAT's NLL) instead of a Cox log-hazard."""
+        return self.loss == "nll" and self.task == "survival"
 
     @property
     def loss_fn(self):
         return LOSSES["weighted_cox" if self.loss == "auto" and self.model == "biofusion" else
-                      "cox" if self.loss == "auto" else self.loss]
+                      "cox" if self.loss in ("auto", "nll") else self.loss]
 
 
 LOSSES = {"cox": cox_loss, "weighted_cox": weighted_cox_loss, "efron": efron_cox_loss}
@@ -78,8 +91,10 @@ def _seed_everything(seed: int) -> np.random.Generator:
 
 
 @torch.no_grad()
-def predict_risk(model: torch.nn.Module, bags: Bags, device: torch.device, batch_size: int = 8) -> np.ndarray:
-    """Risk [P] (survival) or class probabilities [P, C] (classification) for every bag, all tiles used."""
+def predict_risk(model: torch.nn.Module, bags: Bags, device: torch.device, batch_size: int = 8,
+                 hazards: bool = False) -> np.ndarray:
+    """Risk [P] (survival) or class probabilities [P, C] (classification) for every bag, all tiles used.
+    With `hazards`, the model's logits are discrete-time hazards: returns their sigmoid [P, K]."""
     model.eval()
     out = []
     for start in range(0, len(bags), batch_size):
@@ -87,7 +102,9 @@ def predict_risk(model: torch.nn.Module, bags: Bags, device: torch.device, batch
         tab = tabular_batch(bags, slice(start, start + batch_size), device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             result = model(x.to(device), mask.to(device), **tab)
-        if "risk" in result:
+        if hazards:
+            out.append(torch.sigmoid(result["logits"].float()).cpu().numpy())
+        elif "risk" in result:
             out.append(result["risk"].float().cpu().numpy())
         else:
             out.append(torch.softmax(result["logits"].float(), -1).cpu().numpy())
@@ -106,14 +123,22 @@ def auc(label: np.ndarray, probs: np.ndarray) -> float:
 
 
 def model_kwargs(config: TrainConfig, bags: Bags, prep: Preprocessor | None) -> dict:
-    kwargs = {"in_dim": bags.dim, "hidden": config.hidden, "dropout": config.dropout,
-              "n_outputs": len(bags.classes) if config.task == "classification" else 1}
+    n_outputs = len(bags.classes) if config.task == "classification" else config.n_bins if config.discrete else 1
+    kwargs = {"in_dim": bags.dim, "hidden": config.hidden, "dropout": config.dropout, "n_outputs": n_outputs}
     if prep is not None and config.model in MULTIMODAL:
         kwargs.update(genomic_dim=max(1, len(prep.genes)), groups=prep.groups, clinical_dim=prep.clinical_dim)
     return kwargs
 
 
-def _loss(out: dict, time: torch.Tensor, event: torch.Tensor, label: torch.Tensor, loss_fn) -> torch.Tensor:
+def _loss(out: dict, time: torch.Tensor, event: torch.Tensor, label: torch.Tensor, loss_fn,
+          edges: torch.Tensor | None = None) -> torch.Tensor:
+    if edges is not None:  # discrete-time survival
+        loss = nll_survival_loss(out["logits"], time, event, edges) + out.get("aux_loss", 0.0)
+        if "branch_outputs" in out:
+            branch = out["branch_outputs"]
+            loss = loss + sum(nll_survival_loss(branch[:, m], time, event, edges)
+                              for m in range(branch.shape[1])) / branch.shape[1]
+        return loss
     if "logits" in out:  # classification
         loss = F.cross_entropy(out["logits"], label) + out.get("aux_loss", 0.0)
         if "branch_outputs" in out:  # ACMIL: every branch is trained on the target too
@@ -128,8 +153,8 @@ def _loss(out: dict, time: torch.Tensor, event: torch.Tensor, label: torch.Tenso
 
 
 def fit(bags: Bags, val: Bags, config: TrainConfig, seed: int,
-        on_epoch: Callable[[int, dict], None] | None = None, prep: Preprocessor | None = None
-        ) -> tuple[torch.nn.Module, list[dict]]:
+        on_epoch: Callable[[int, dict], None] | None = None, prep: Preprocessor | None = None,
+        edges: torch.Tensor | None = None) -> tuple[torch.nn.Module, list[dict]]:
     """Train on `bags`; keep the weights of the epoch with the best validation C-index."""
     rng = _seed_everything(seed)
     device = pick_device(config.device)
@@ -157,12 +182,14 @@ def fit(bags: Bags, val: Bags, config: TrainConfig, seed: int,
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 out = model(x.to(device), mask.to(device), **tab)
             loss = _loss(out, time_t[idx].to(device), event_t[idx].to(device), label_t[idx].to(device),
-                         config.loss_fn)
+                         config.loss_fn, None if edges is None else edges.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
-        val_out = predict_risk(model, val, device)
+        val_out = predict_risk(model, val, device, hazards=edges is not None)
+        if edges is not None:
+            val_out = _hazard_risk(val_out)
         if classify:
             val_c = auc(val.label, val_out)
             val_loss = float(F.nll_loss(torch.log(torch.from_numpy(val_out).clamp_min(1e-7)),
@@ -192,6 +219,23 @@ def survival_horizons(bags: Bags) -> list[float]:
     """Times at which predicted survival is reported: quartiles of the observed event times."""
     times = bags.time[bags.event] if bags.event.any() else bags.time
     return [float(np.round(q, 1)) for q in np.quantile(times, [0.25, 0.5, 0.75])]
+
+
+def _hazard_risk(hazards: np.ndarray) -> np.ndarray:
+    """Risk from discrete hazards [P, K]: minus the summed survival over bins (MCAT); higher = worse."""
+    return -np.cumprod(1 - hazards, axis=1).sum(1)
+
+
+def discrete_curves(hazards: np.ndarray, edges: np.ndarray, horizons: list[float]) -> np.ndarray:
+    """S(t) [P, T] at `horizons` from discrete hazards: the product of (1 - h_k) over bins ending by t."""
+    surv = np.cumprod(1 - hazards, axis=1)
+    inner = np.asarray(edges)[1:-1]  # bin k ends at inner[k]; the last bin never ends
+    out = np.ones((len(hazards), len(horizons)))
+    for j, t in enumerate(horizons):
+        done = int(np.searchsorted(inner, t, side="right"))  # bins fully elapsed by time t
+        if done:
+            out[:, j] = surv[:, done - 1]
+    return out
 
 
 def survival_curves(train_risk: np.ndarray, train: Bags, test_risk: np.ndarray, horizons: list[float]) -> np.ndarray:
@@ -231,9 +275,13 @@ def cross_validate(bags: Bags, config: TrainConfig, out_dir: str | Path,
         bags.tab = prep.transform(bags)
         train, test = bags.subset(train_idx), bags.subset(test_idx)
         fit_idx, val_idx = inner_split(train.label if classify else train.event, config.val_fraction, config.seed + k)
+        edges = None
+        if config.discrete:  # bins at the quantiles of the training fold's event times (MCAT)
+            edges = discrete_time_bins(torch.as_tensor(train.time), torch.as_tensor(train.event), config.n_bins)
         model, history = fit(train.subset(fit_idx), train.subset(val_idx), config, seed=config.seed * 1000 + k,
-                             on_epoch=(lambda e, r, k=k: on_epoch(k, e, r)) if on_epoch else None, prep=prep)
-        out = predict_risk(model, test, device)
+                             on_epoch=(lambda e, r, k=k: on_epoch(k, e, r)) if on_epoch else None, prep=prep,
+                             edges=edges)
+        out = predict_risk(model, test, device, hazards=edges is not None)
         preds = pd.DataFrame({"patient_id": test.ids, "fold": k, "time": test.time, "event": test.event.astype(int)})
         if classify:
             score = auc(test.label, out)
@@ -241,6 +289,12 @@ def cross_validate(bags: Bags, config: TrainConfig, out_dir: str | Path,
             for c, name in enumerate(bags.classes):
                 preds[f"prob_{name}"] = out[:, c]
             preds["predicted"] = [bags.classes[i] for i in out.argmax(1)]
+        elif edges is not None:
+            preds["risk"] = _hazard_risk(out)
+            score = concordance(test.time, test.event, preds["risk"].to_numpy())
+            curves = discrete_curves(out, edges.numpy(), horizons)
+            for j, h in enumerate(horizons):
+                preds[f"surv_{h:g}"] = curves[:, j]
         else:
             score = concordance(test.time, test.event, out)
             preds["risk"] = out
@@ -251,7 +305,8 @@ def cross_validate(bags: Bags, config: TrainConfig, out_dir: str | Path,
         save_checkpoint(model.cpu(), config.model, model_kwargs(config, bags, prep),
                         fold_dir, extra={"train_config": asdict(config), "config_hash": config_hash,
                                          "fold": k, "encoder": config.encoder, "preprocessor": prep.state(),
-                                         "classes": bags.classes, "horizons": horizons})
+                                         "classes": bags.classes, "horizons": horizons,
+                                         "bin_edges": None if edges is None else edges[1:-1].tolist()})
         model.to(device)
         val_key = "val_auc" if classify else "val_c_index"
         metrics = {"fold": k, metric: score, "n_test": len(test), "n_test_events": int(test.event.sum()),

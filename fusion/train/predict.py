@@ -42,7 +42,9 @@ def predict_patients(model_dir: str | Path, layout: RunLayout, cohort: Cohort, o
         state = dict(config["preprocessor"])
         state["numeric"] = {k: tuple(v) for k, v in state["numeric"].items()}
         bags.tab = Preprocessor(**state).transform(bags)
-        outputs.append(predict_risk(model.to(dev), bags, dev))
+        hazards = train.get("loss") == "nll" and train.get("task", "survival") == "survival"
+        scores = predict_risk(model.to(dev), bags, dev, hazards=hazards)
+        outputs.append(-np.cumprod(1 - scores, axis=1).sum(1) if hazards else scores)
         ids = bags.ids
     mean = np.mean(outputs, axis=0)
     table = pd.DataFrame({"patient_id": ids})
