@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fusion.models.base import TileModel
 from fusion.models.registry import register_model
 
 
@@ -34,34 +35,20 @@ class GatedAttentionPool(nn.Module):
         return torch.einsum("bn,bnd->bd", attn.to(h.dtype), h), attn
 
 
-class ABMIL(nn.Module):
+class ABMIL(TileModel):
     def __init__(self, in_dim: int, hidden: int = 128, attn_dim: int = 64, dropout: float = 0.25,
                  n_outputs: int = 1):
-        super().__init__()
-        self.register_buffer("feat_mean", torch.zeros(in_dim))
-        self.register_buffer("feat_std", torch.ones(in_dim))
+        super().__init__(in_dim, n_outputs)
         self.embed = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
         self.pool = GatedAttentionPool(hidden, attn_dim, dropout)
         self.head = nn.Sequential(nn.Linear(hidden, hidden // 2), nn.ReLU(), nn.Dropout(dropout),
                                   nn.Linear(hidden // 2, n_outputs))
-        self.n_outputs = n_outputs
-
-    def set_normalisation(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        self.feat_mean.copy_(mean)
-        self.feat_std.copy_(std.clamp_min(1e-6))
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor, **_: torch.Tensor) -> dict:
         """features [B, N, D], mask [B, N] -> {'risk' [B] | 'logits' [B, C], 'attention' [B, N]}."""
-        x = (features - self.feat_mean) / self.feat_std
-        h = self.embed(x)
+        h = self.embed(self.normalise(features))
         z, attn = self.pool(h, mask)
-        out = self.head(z).float()
-        result = {"attention": attn, "embedding": z}
-        if self.n_outputs == 1:
-            result["risk"] = out.squeeze(-1)
-        else:
-            result["logits"] = out
-        return result
+        return self.outputs(self.head(z), attention=attn, embedding=z)
 
 
 @register_model("abmil")

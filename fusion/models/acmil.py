@@ -18,15 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fusion.models.base import TileModel
 from fusion.models.registry import register_model
 
 
-class ACMIL(nn.Module):
+class ACMIL(TileModel):
     def __init__(self, in_dim: int, hidden: int = 128, attn_dim: int = 64, branches: int = 5, top_k: int = 10,
                  mask_prob: float = 0.6, diversity: float = 0.1, dropout: float = 0.25, n_outputs: int = 1):
-        super().__init__()
-        self.register_buffer("feat_mean", torch.zeros(in_dim))
-        self.register_buffer("feat_std", torch.ones(in_dim))
+        super().__init__(in_dim, n_outputs)
         self.embed = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
         self.v = nn.Linear(hidden, attn_dim)
         self.u = nn.Linear(hidden, attn_dim)
@@ -34,15 +33,10 @@ class ACMIL(nn.Module):
         self.branch_heads = nn.ModuleList(nn.Linear(hidden, n_outputs) for _ in range(branches))
         self.head = nn.Linear(hidden, n_outputs)
         self.top_k, self.mask_prob, self.diversity = top_k, mask_prob, diversity
-        self.n_outputs = n_outputs
-
-    def set_normalisation(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        self.feat_mean.copy_(mean)
-        self.feat_std.copy_(std.clamp_min(1e-6))
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor, **_) -> dict:
         """features [B, N, D], mask [B, N] -> risk [B] | logits [B, C], attention [B, N], branch outputs."""
-        h = self.embed((features - self.feat_mean) / self.feat_std)
+        h = self.embed(self.normalise(features))
         logits = self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h))).transpose(1, 2).float()  # [B, M, N]
         valid = mask[:, None, :].expand_as(logits)
         if self.training and self.top_k > 0:
@@ -51,15 +45,11 @@ class ACMIL(nn.Module):
         z_branch = torch.einsum("bmn,bnh->bmh", attn.to(h.dtype), h)
         mean_attn = attn.mean(1)
         z = torch.einsum("bn,bnh->bh", mean_attn.to(h.dtype), h)
-        out = self.head(z).float()
         branch_out = torch.stack([head(z_branch[:, m]) for m, head in enumerate(self.branch_heads)], 1).float()
-        result = {"attention": mean_attn, "embedding": z, "branch_outputs": branch_out,
-                  "aux_loss": self.diversity * self._diversity(attn, mask)}
+        result = self.outputs(self.head(z), attention=mean_attn, embedding=z, branch_outputs=branch_out,
+                              aux_loss=self.diversity * self._diversity(attn, mask))
         if self.n_outputs == 1:
-            result["risk"] = out.squeeze(-1)
             result["branch_risk"] = branch_out.squeeze(-1)  # [B, M]
-        else:
-            result["logits"] = out
         return result
 
     def _stochastic_top_k(self, logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

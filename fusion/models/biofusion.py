@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fusion.models.base import TileModel
 from fusion.models.coattn import GenomicTokens, default_groups
 from fusion.models.registry import register_model
 
@@ -42,13 +43,11 @@ class TileVAE(nn.Module):
         return z, per_bag
 
 
-class BioFusionNet(nn.Module):
+class BioFusionNet(TileModel):
     def __init__(self, in_dim: int, encoder_dims: list[int] | None = None, groups: list[list[int]] | None = None,
                  clinical_dim: int = 0, hidden: int = 128, latent: int = 64, image_tokens: int = 4,
                  heads: int = 4, dropout: float = 0.25, n_outputs: int = 1, vae_weight: float = 0.1):
-        super().__init__()
-        self.register_buffer("feat_mean", torch.zeros(in_dim))
-        self.register_buffer("feat_std", torch.ones(in_dim))
+        super().__init__(in_dim, n_outputs)
         self.vae = TileVAE(encoder_dims or [in_dim], hidden, latent)
         self.tile = nn.Sequential(nn.Linear(latent, hidden), nn.GELU(), nn.Dropout(dropout))
         self.attn_v, self.attn_u = nn.Linear(hidden, hidden // 2), nn.Linear(hidden, hidden // 2)
@@ -62,17 +61,12 @@ class BioFusionNet(nn.Module):
         fused = 2 * hidden + (hidden // 2 if clinical_dim else 0)
         self.head = nn.Sequential(nn.Linear(fused, hidden), nn.GELU(), nn.Dropout(dropout),
                                   nn.Linear(hidden, n_outputs))
-        self.n_outputs, self.vae_weight = n_outputs, vae_weight
-
-    def set_normalisation(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        self.feat_mean.copy_(mean)
-        self.feat_std.copy_(std.clamp_min(1e-6))
+        self.vae_weight = vae_weight
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor, genomics: torch.Tensor | None = None,
                 genomics_mask: torch.Tensor | None = None, clinical: torch.Tensor | None = None, **_) -> dict:
         b = features.shape[0]
-        x = (features - self.feat_mean) / self.feat_std
-        z, vae_loss = self.vae(x, mask)
+        z, vae_loss = self.vae(self.normalise(features), mask)
         h = self.tile(z)  # [B, N, H]
         logits = self.attn_w(torch.tanh(self.attn_v(h)) * torch.sigmoid(self.attn_u(h))).transpose(1, 2).float()
         attn = torch.nan_to_num(torch.softmax(logits.masked_fill(~mask[:, None, :], float("-inf")), -1), nan=0.0)
@@ -90,13 +84,8 @@ class BioFusionNet(nn.Module):
             if clinical is None:
                 clinical = features.new_zeros(b, self.clinical[0].in_features)
             parts.append(self.clinical(clinical))
-        out = self.head(torch.cat(parts, 1)).float()
-        result = {"attention": attn.mean(1), "aux_loss": self.vae_weight * vae_loss.mean()}
-        if self.n_outputs == 1:
-            result["risk"] = out.squeeze(-1)
-        else:
-            result["logits"] = out
-        return result
+        return self.outputs(self.head(torch.cat(parts, 1)), attention=attn.mean(1),
+                            aux_loss=self.vae_weight * vae_loss.mean())
 
 
 @register_model("biofusion")

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fusion.models.abmil import GatedAttentionPool
+from fusion.models.base import TileModel
 from fusion.models.registry import register_model
 
 
@@ -40,12 +41,10 @@ class GenomicTokens(nn.Module):
         return torch.where(present[:, None, None], tokens, self.missing[None].to(tokens.dtype))
 
 
-class CoAttention(nn.Module):
+class CoAttention(TileModel):
     def __init__(self, in_dim: int, groups: list[list[int]], clinical_dim: int = 0, hidden: int = 128,
                  heads: int = 4, dropout: float = 0.25, n_outputs: int = 1):
-        super().__init__()
-        self.register_buffer("feat_mean", torch.zeros(in_dim))
-        self.register_buffer("feat_std", torch.ones(in_dim))
+        super().__init__(in_dim, n_outputs)
         self.tiles = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
         self.genes = GenomicTokens(groups, hidden, dropout)
         self.coattn = nn.MultiheadAttention(hidden, heads, dropout=dropout, batch_first=True)
@@ -58,16 +57,11 @@ class CoAttention(nn.Module):
         fused = 2 * hidden + (hidden // 2 if clinical_dim else 0)
         self.head = nn.Sequential(nn.Linear(fused, hidden), nn.ReLU(), nn.Dropout(dropout),
                                   nn.Linear(hidden, n_outputs))
-        self.n_outputs = n_outputs
-
-    def set_normalisation(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        self.feat_mean.copy_(mean)
-        self.feat_std.copy_(std.clamp_min(1e-6))
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor, genomics: torch.Tensor | None = None,
                 genomics_mask: torch.Tensor | None = None, clinical: torch.Tensor | None = None, **_) -> dict:
         b = features.shape[0]
-        h = self.tiles((features - self.feat_mean) / self.feat_std)  # [B, N, H]
+        h = self.tiles(self.normalise(features))  # [B, N, H]
         if genomics is None:
             genomics = features.new_zeros(b, max(int(g.max()) for g in self.genes.groups) + 1)
             genomics_mask = torch.zeros(b, dtype=torch.bool, device=features.device)
@@ -84,15 +78,10 @@ class CoAttention(nn.Module):
             if clinical is None:
                 clinical = features.new_zeros(b, self.clinical[0].in_features)
             parts.append(self.clinical(clinical))
-        out = self.head(torch.cat(parts, 1)).float()
         attention = (gene_to_tile.float().mean(1) * mask).float()  # tiles weighted by all gene groups
-        result = {"attention": attention / attention.sum(1, keepdim=True).clamp_min(1e-12),
-                  "group_attention": gene_attn, "coattention": gene_to_tile}
-        if self.n_outputs == 1:
-            result["risk"] = out.squeeze(-1)
-        else:
-            result["logits"] = out
-        return result
+        return self.outputs(self.head(torch.cat(parts, 1)),
+                            attention=attention / attention.sum(1, keepdim=True).clamp_min(1e-12),
+                            group_attention=gene_attn, coattention=gene_to_tile)
 
 
 def default_groups(n_genes: int, n_groups: int = 6) -> list[list[int]]:

@@ -6,23 +6,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fusion.models.base import TileModel
 from fusion.models.coattn import snn
 from fusion.models.registry import register_model
 
 
-class GenomicsSNN(nn.Module):
+class GenomicsSNN(TileModel):
     def __init__(self, genomic_dim: int, clinical_dim: int = 0, hidden: int = 128, dropout: float = 0.25,
                  n_outputs: int = 1, in_dim: int = 1):
-        super().__init__()
-        self.register_buffer("feat_mean", torch.zeros(in_dim))  # unused: kept for a uniform trainer
-        self.register_buffer("feat_std", torch.ones(in_dim))
+        super().__init__(in_dim, n_outputs)  # tile standardisation unused: tiles are ignored
         self.body = snn(genomic_dim + clinical_dim, hidden, dropout)
         self.missing = nn.Parameter(torch.zeros(hidden))
         self.head = nn.Linear(hidden, n_outputs)
-        self.genomic_dim, self.clinical_dim, self.n_outputs = genomic_dim, clinical_dim, n_outputs
-
-    def set_normalisation(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        pass
+        self.genomic_dim, self.clinical_dim = genomic_dim, clinical_dim
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor, genomics: torch.Tensor | None = None,
                 genomics_mask: torch.Tensor | None = None, clinical: torch.Tensor | None = None, **_) -> dict:
@@ -35,10 +31,8 @@ class GenomicsSNN(nn.Module):
             parts.append(clinical if clinical is not None else features.new_zeros(b, self.clinical_dim))
         h = self.body(torch.cat(parts, 1))
         h = torch.where(genomics_mask[:, None], h, self.missing.to(h.dtype))
-        out = self.head(h).float()
         attention = mask.float() / mask.float().sum(1, keepdim=True).clamp_min(1)  # uniform: tiles unused
-        return {"risk": out.squeeze(-1), "attention": attention} if self.n_outputs == 1 else \
-            {"logits": out, "attention": attention}
+        return self.outputs(self.head(h), attention=attention)
 
 
 @register_model("genomics_snn")
