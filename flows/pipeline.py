@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -82,5 +83,20 @@ def pipeline(
         "evaluation": evaluation,
     }
     write_json(Path(run) / "summary.json", summary)
+    create_markdown_artifact(key="fusion-run-summary", markdown=_summary_markdown(summary),
+                             description=f"fusion run {run}")
     print(format_evaluation(evaluation))
     return summary
+
+
+def _summary_markdown(summary: dict) -> str:
+    """The run's summary as a Markdown table, shown in Prefect's UI as an artifact."""
+    ev = summary["evaluation"]
+    lines = ["| run | slides | tiles | failed | model | C-index (mean ± sd) | oracle |",
+             "|---|---|---|---|---|---|---|",
+             f"| {summary['run']} | {summary['slides']} | {summary['tiles']} | {len(summary['failed'])} | "
+             f"{summary['model']} | {ev['c_index_mean']:.3f} ± {ev['c_index_sd']:.3f} | "
+             f"{ev.get('oracle_c_index_mean', float('nan')):.3f} |"]
+    if summary["failed"]:
+        lines += ["", "Failed slides:", *[f"- `{f['slide_id']}`: {f['error']}" for f in summary["failed"]]]
+    return "\n".join(lines)

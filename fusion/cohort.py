@@ -46,6 +46,9 @@ class CohortSpec(BaseModel):
     label: str | None = None
     clinical: dict[str, Literal["numeric", "categorical"]] = Field(default_factory=dict)
     genomics: list[str] | Literal["all"] = "all"
+    # Slide paths must stay inside the cohort folder (a table cannot point the pipeline at arbitrary
+    # files); a data owner who keeps slides elsewhere says so here.
+    allow_external_paths: bool = False
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,9 @@ def _check_slides(
             problems.append(f"{t} {_line(i)}: patient_id '{pid}' is not in {spec.tables.patients}")
         if not isinstance(rel, str) or not rel:
             problems.append(f"{t} {_line(i)}: empty path")
+        elif not spec.allow_external_paths and not (root / rel).resolve().is_relative_to(root):
+            problems.append(f"{t} {_line(i)}: path '{rel}' leaves the cohort folder; move the slide inside it "
+                            f"or set `allow_external_paths: true` in {COHORT_FILE}")
         elif check_files and not (root / rel).is_file():
             problems.append(f"{t} {_line(i)}: slide file not found: {rel}")
     return problems

@@ -73,3 +73,19 @@ def test_parquet_tables_and_bad_yaml(tiny_cohort, tmp_path):
     (root / "cohort.yaml").write_text(yaml.safe_dump(spec))
     with pytest.raises(CohortError, match="outcome.tiem"):
         load_cohort(root, check_files=False)
+
+
+def test_slide_paths_must_stay_inside_the_cohort(tiny_cohort, tmp_path):
+    root = _copy(tiny_cohort, tmp_path)
+    slides = pd.read_csv(root / "slides.csv")
+    slides.loc[0, "path"] = "../../etc/passwd"
+    slides.loc[1, "path"] = "/etc/hostname"
+    slides.to_csv(root / "slides.csv", index=False)
+    with pytest.raises(CohortError) as info:
+        load_cohort(root, check_files=False)
+    assert "slides.csv line 2: path '../../etc/passwd' leaves the cohort folder" in str(info.value)
+    assert "slides.csv line 3: path '/etc/hostname' leaves the cohort folder" in str(info.value)
+    spec = yaml.safe_load((root / "cohort.yaml").read_text())
+    spec["allow_external_paths"] = True
+    (root / "cohort.yaml").write_text(yaml.safe_dump(spec))
+    assert len(load_cohort(root, check_files=False).slides) == len(slides)

@@ -50,6 +50,15 @@ def test_a_corrupt_slide_fails_alone(tiny_cohort, tmp_path, prefect_server):
     failed = [e for e in Ledger(tmp_path / "run" / "ledger.jsonl").entries() if e["status"] == "failed"]
     assert [e["item"] for e in failed] == [slides.slide_id[0]]
 
+    from typer.testing import CliRunner
+
+    from fusion.cli import app
+
+    strict = CliRunner().invoke(app, ["tile", str(cohort), "--out", str(tmp_path / "run"), "--local", "--strict"])
+    assert strict.exit_code == 1 and slides.slide_id[0] in strict.output
+    lenient = CliRunner().invoke(app, ["tile", str(cohort), "--out", str(tmp_path / "run"), "--local"])
+    assert lenient.exit_code == 0
+
 
 def test_tile_flow_rerun_redoes_nothing(tiny_cohort, tmp_path, prefect_server):
     from flows.tiling import tile_cohort
