@@ -13,9 +13,11 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import task_run
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.tasks import exponential_backoff
 
-from flows.tiling import tile_cohort
+from flows.tiling import RETRIES, tile_cohort
 from fusion.run import init_run, open_run
 from fusion.stages import build_encoders, evaluate_stage, extract_one, slide_rows, train_stage
 from fusion.storage import write_json
@@ -24,10 +26,12 @@ from fusion.train.loop import TrainConfig
 from fusion.wsi import TilingConfig
 
 
-@task(name="extract-slide", task_run_name="extract-{slide_id}", cache_policy=NO_CACHE)
+@task(name="extract-slide", task_run_name="extract-{slide_id}", cache_policy=NO_CACHE, retries=RETRIES,
+      retry_delay_seconds=exponential_backoff(backoff_factor=2))
 def extract_slide_task(run: str, slide_id: str, path: str, encoders: list[str]) -> dict:
     layout, _ = open_run(run)
-    return extract_one(layout, slide_id, path, build_encoders(encoders, layout))
+    last_try = task_run.run_count > RETRIES
+    return extract_one(layout, slide_id, path, build_encoders(encoders, layout), raise_transient=not last_try)
 
 
 @task(name="train", task_run_name="train-{config.model}", cache_policy=NO_CACHE)

@@ -9,18 +9,24 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import task_run
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.tasks import exponential_backoff
 
 from fusion.run import init_run, open_run
 from fusion.stages import slide_rows, tile_one
 from fusion.wsi import TilingConfig
 
+RETRIES = 3  # transient I/O errors (network storage) are retried after 2, 4 and 8 s
 
-@task(name="tile-slide", task_run_name="tile-{slide_id}", cache_policy=NO_CACHE)
+
+@task(name="tile-slide", task_run_name="tile-{slide_id}", cache_policy=NO_CACHE, retries=RETRIES,
+      retry_delay_seconds=exponential_backoff(backoff_factor=2))
 def tile_slide_task(run: str, slide_id: str, path: str, tiling: TilingConfig, mpp: float | None,
                     tile_set: str = "") -> dict:
     layout, _ = open_run(run)
-    result = tile_one(layout, slide_id, path, tiling, mpp, tile_set)
+    last_try = task_run.run_count > RETRIES  # then a transient error is recorded as a failure
+    result = tile_one(layout, slide_id, path, tiling, mpp, tile_set, raise_transient=not last_try)
     if result["status"] == "failed":
         get_run_logger().warning("slide %s failed: %s", slide_id, result["error"])
     return result

@@ -7,6 +7,7 @@ a summary with status 'failed', so one corrupt file does not stop a cohort. The 
 
 from __future__ import annotations
 
+import errno
 import time
 import traceback
 from dataclasses import asdict
@@ -22,12 +23,26 @@ from fusion.train.evaluate import evaluate_predictions
 from fusion.train.loop import TrainConfig, cross_validate
 from fusion.wsi import TilingConfig, tile_slide
 
+_TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ESTALE, errno.ETIMEDOUT, errno.EBUSY, errno.ECONNRESET}
 
-def _guarded(layout: RunLayout, step: str, item: str, fn, **fields) -> dict:
+
+def is_transient(error: BaseException) -> bool:
+    """An I/O error worth retrying (network storage hiccups), as opposed to a bad or missing file."""
+    if isinstance(error, FusionError | FileNotFoundError | PermissionError | IsADirectoryError):
+        return False
+    if isinstance(error, TimeoutError | ConnectionError | InterruptedError | BlockingIOError):
+        return True
+    return isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNOS
+
+
+def _guarded(layout: RunLayout, step: str, item: str, fn, raise_transient: bool = False, **fields) -> dict:
     start = time.perf_counter()
     try:
         result = fn()
     except (FusionError, OSError, ValueError) as e:
+        if raise_transient and is_transient(e):  # the orchestrator retries it, with backoff
+            layout.ledger.record(step, item, "retrying", error=str(e), error_type=type(e).__name__, **fields)
+            raise
         entry = {"slide_id": item, "status": "failed", "error": str(e), "error_type": type(e).__name__}
         layout.ledger.record(step, item, "failed", error=str(e), error_type=type(e).__name__,
                              traceback=traceback.format_exc(limit=3), **fields)
@@ -40,15 +55,16 @@ def _guarded(layout: RunLayout, step: str, item: str, fn, **fields) -> dict:
 
 
 def tile_one(layout: RunLayout, slide_id: str, path: str, config: TilingConfig,
-             mpp: float | None = None, tile_set: str = "") -> dict:
-    """Tile one slide into RUN/tiles[/<tile_set>]; a failure is recorded, not raised."""
+             mpp: float | None = None, tile_set: str = "", raise_transient: bool = False) -> dict:
+    """Tile one slide into RUN/tiles[/<tile_set>]; a failure is recorded, not raised (a transient
+    I/O error is re-raised when `raise_transient`, for the caller to retry)."""
     return _guarded(layout, "tile", slide_id,
                     lambda: tile_slide(path, slide_id, layout.tiles_dir(tile_set), config, mpp=mpp),
-                    tile_set=tile_set)
+                    raise_transient=raise_transient, tile_set=tile_set)
 
 
 def extract_one(layout: RunLayout, slide_id: str, path: str, encoders: list[Encoder],
-                config: ExtractConfig = ExtractConfig(), tile_set: str = "") -> dict:
+                config: ExtractConfig = ExtractConfig(), tile_set: str = "", raise_transient: bool = False) -> dict:
     """Features of one tiled slide for each encoder; needs RUN/tiles[/<tile_set>]/<slide_id>.h5."""
     tiles = layout.tiles_h5(slide_id, tile_set)
 
@@ -57,7 +73,8 @@ def extract_one(layout: RunLayout, slide_id: str, path: str, encoders: list[Enco
             raise RunError(f"no tiles for slide {slide_id} ({tiles}); tiling failed or was not run")
         return extract_slide(path, tiles, slide_id, layout.root / "features", encoders, config, subdir=tile_set)
 
-    return _guarded(layout, "extract", slide_id, run, encoders=[e.name for e in encoders], tile_set=tile_set)
+    return _guarded(layout, "extract", slide_id, run, raise_transient=raise_transient,
+                    encoders=[e.name for e in encoders], tile_set=tile_set)
 
 
 def build_encoders(names: list[str], layout: RunLayout | None = None) -> list[Encoder]:

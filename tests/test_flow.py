@@ -70,3 +70,44 @@ def test_tile_flow_rerun_redoes_nothing(tiny_cohort, tmp_path, prefect_server):
     assert {r["status"] for r in second} == {"skipped"}
     tile_entries = [e for e in Ledger(run / "ledger.jsonl").entries() if e["step"] == "tile"]
     assert [e["status"] for e in tile_entries] == ["done"] * len(first) + ["skipped"] * len(first)
+
+
+def test_transient_io_errors_are_retried(tiny_cohort, tmp_path, prefect_server, monkeypatch):
+    """A network-storage hiccup (EIO) on one slide: the task is retried and the slide is tiled."""
+    import errno
+    import shutil
+
+    import pandas as pd
+
+    import fusion.stages
+    from flows.tiling import tile_cohort
+
+    cohort = tmp_path / "cohort"
+    shutil.copytree(tiny_cohort, cohort, ignore=shutil.ignore_patterns("truth"))
+    slides = pd.read_csv(cohort / "slides.csv").head(3)
+    slides.to_csv(cohort / "slides.csv", index=False)
+    flaky, real = slides.slide_id[1], fusion.stages.tile_slide
+    calls = []
+
+    def tile_slide(path, slide_id, *args, **kwargs):
+        calls.append(slide_id)
+        if slide_id == flaky and calls.count(slide_id) == 1:
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real(path, slide_id, *args, **kwargs)
+
+    monkeypatch.setattr(fusion.stages, "tile_slide", tile_slide)
+    results = tile_cohort(str(cohort), str(tmp_path / "run"))
+    assert [r["status"] for r in results] == ["done"] * 3 and calls.count(flaky) == 2
+    entries = [e for e in Ledger(tmp_path / "run" / "ledger.jsonl").entries() if e["item"] == flaky]
+    assert [e["status"] for e in entries] == ["retrying", "done"]
+
+
+def test_what_counts_as_transient():
+    import errno
+
+    from fusion.errors import SlideReadError
+    from fusion.stages import is_transient
+
+    assert is_transient(OSError(errno.EIO, "io")) and is_transient(TimeoutError())
+    assert not is_transient(FileNotFoundError(errno.ENOENT, "gone"))
+    assert not is_transient(SlideReadError("x.svs", "corrupt"))
