@@ -136,7 +136,8 @@ def load_cohort(root: str | Path, *, check_files: bool = True) -> Cohort:
     if problems:
         raise CohortError(str(root), problems)
 
-    assert patients is not None and slides is not None  # guaranteed by the checks above
+    if patients is None or slides is None:  # a missing table is already a problem above; kept for clarity
+        raise CohortError(str(root), ["the slides and patients tables are required"])
     patients = patients.set_index("patient_id", drop=False)
     patients.index.name = None
     slides = slides.assign(path=[str((root / p).resolve()) for p in slides["path"]])

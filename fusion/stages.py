@@ -105,9 +105,8 @@ def train_stage(layout: RunLayout, cohort: Cohort, config: TrainConfig, on_epoch
     from fusion.train.baselines import BASELINES, cross_validate_baseline
     from fusion.train.loop import MULTIMODAL
 
-    tabular_only = config.model in BASELINES or config.model == "genomics_snn"
     bags, missing = load_bags(layout, cohort, config.encoder, config.tile_set,
-                              keep_without_tiles=config.model in MULTIMODAL or tabular_only)
+                              keep_without_tiles=config.model in MULTIMODAL or config.model in BASELINES)
     if len(bags) < config.folds * 2:
         raise RunError(f"only {len(bags)} patients have features for encoder '{config.encoder}' in "
                        f"{layout.root}; run `fusion extract` first (or use fewer folds)")

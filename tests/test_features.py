@@ -12,6 +12,13 @@ from fusion.features import ExtractConfig, available_encoders, create_encoder, e
 from fusion.wsi import tile_slide
 
 
+def _tiled_slide(cohort, index, tmp_path):
+    """(slides.csv row, slide path, tiles .h5) of one slide of `cohort`, tiled into tmp_path/tiles."""
+    row = pd.read_csv(cohort / "slides.csv").iloc[index]
+    tile_slide(cohort / row.path, row.slide_id, tmp_path / "tiles")
+    return row, cohort / row.path, tmp_path / "tiles" / f"{row.slide_id}.h5"
+
+
 @pytest.mark.parametrize("name", available_encoders())
 def test_encoder_contract(name):
     enc = create_encoder(name)
@@ -45,10 +52,7 @@ def test_morph_features_separate_tissue_types(tiny_run, tiny_cohort):
 
 
 def test_extraction_resumes_and_workers_agree(tiny_cohort, tmp_path):
-    row = pd.read_csv(tiny_cohort / "slides.csv").iloc[1]
-    path = tiny_cohort / row.path
-    tile_slide(path, row.slide_id, tmp_path / "tiles")
-    tiles = tmp_path / "tiles" / f"{row.slide_id}.h5"
+    row, path, tiles = _tiled_slide(tiny_cohort, 1, tmp_path)
     enc = [create_encoder("morph")]
     first = extract_slide(path, tiles, row.slide_id, tmp_path / "features", enc)
     assert not first["skipped"]
@@ -134,10 +138,7 @@ def test_macenko_recovers_stains_and_maps_two_labs_together():
 
 
 def test_extraction_with_stain_normalisation(tiny_cohort, tmp_path):
-    row = pd.read_csv(tiny_cohort / "slides.csv").iloc[0]
-    path = tiny_cohort / row.path
-    tile_slide(path, row.slide_id, tmp_path / "tiles")
-    tiles = tmp_path / "tiles" / f"{row.slide_id}.h5"
+    row, path, tiles = _tiled_slide(tiny_cohort, 0, tmp_path)
     enc = [create_encoder("morph")]
     extract_slide(path, tiles, row.slide_id, tmp_path / "raw", enc)
     result = extract_slide(path, tiles, row.slide_id, tmp_path / "norm", enc, ExtractConfig(stain_normalize=True))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -74,7 +75,7 @@ def _from_weights(spec: str) -> Encoder:
 
         return load_ssl_encoder(weights)
     path = None if weights in ("", "random") else weights
-    version = "random" if path is None else file_fingerprint(path) if _exists(path) else "missing"
+    version = "random" if path is None else file_fingerprint(path) if Path(path).is_file() else "missing"
     if head.startswith("timm:"):
         arch = head[len("timm:"):]
         model, dim, size = build_timm(arch, path)
@@ -89,12 +90,6 @@ def _from_weights(spec: str) -> Encoder:
     raise ValueError(f"Unknown encoder '{spec}'; use timm:<arch>@<path>, one of "
                      f"{', '.join(sorted(FOUNDATIONS))} as <name>@<path>, ssl@<folder>, or one of: "
                      f"{', '.join(available_encoders())}")
-
-
-def _exists(path: str) -> bool:
-    from pathlib import Path
-
-    return Path(path).is_file()
 
 
 # Importing the modules registers their encoders.

@@ -67,6 +67,11 @@ class TileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.coords)
 
+    def close(self) -> None:
+        if self._slide is not None:
+            self._slide.close()
+            self._slide = None
+
     def __getitem__(self, i: int) -> torch.Tensor:
         slide = self._handle()
         read = max(1, int(round(self.size0 / slide.level_downsamples[self.level])))

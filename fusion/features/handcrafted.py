@@ -22,8 +22,8 @@ from torch import nn
 from fusion.features.encoders import Encoder, register_encoder
 
 # Rows: stain vectors (H, E, DAB) in optical density; the inverse maps OD to concentrations.
-_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
-_HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
+RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+_HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
 _SIGMAS = (1.0, 2.0)
 
 

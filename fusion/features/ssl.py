@@ -28,9 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusion.features.encoders import Encoder
+from fusion.features.handcrafted import RGB_FROM_HED
 from fusion.storage import atomic_path, write_json
-
-_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
 
 
 @dataclass(frozen=True)
@@ -115,7 +114,7 @@ def augment(x: torch.Tensor, size: int, scale: tuple[float, float] = (0.35, 1.0)
 
 def hed_jitter(x: torch.Tensor, sigma: float = 0.05, bias: float = 0.05) -> torch.Tensor:
     """Perturb stain amounts: OD -> HED, each stain scaled by 1+N(0, sigma) and shifted, back to RGB."""
-    rgb_from_hed = _RGB_FROM_HED.to(x.device)
+    rgb_from_hed = RGB_FROM_HED.to(x.device)
     od = -torch.log((x / 255.0).clamp_min(1 / 255))
     hed = torch.einsum("bchw,cd->bdhw", od, torch.linalg.inv(rgb_from_hed))
     b = x.shape[0]
@@ -277,9 +276,8 @@ def load_ssl_encoder(folder: str | Path) -> Encoder:
 
 def sample_tiles(slides: list[tuple[str, Path]], n: int, size: int, seed: int = 0) -> torch.Tensor:
     """uint8 [n', 3, size, size]: tiles drawn evenly across slides (path, tiles .h5) at random."""
-    import cv2
-
-    from fusion.wsi import open_slide, read_coords
+    from fusion.features.extract import TileDataset
+    from fusion.wsi import read_coords
 
     rng = np.random.default_rng(seed)
     per_slide = max(1, math.ceil(n / max(1, len(slides))))
@@ -289,13 +287,9 @@ def sample_tiles(slides: list[tuple[str, Path]], n: int, size: int, seed: int = 
         if not len(coords):
             continue
         pick = coords[rng.choice(len(coords), min(per_slide, len(coords)), replace=False)]
-        with open_slide(path, mpp=float(attrs["level0_mpp"])) as slide:
-            level = int(attrs["patch_level"])
-            read = max(1, int(round(int(attrs["patch_size_level0"]) / slide.level_downsamples[level])))
-            for x, y in pick:
-                rgb = slide.read_rgb((int(x), int(y)), level, (read, read))
-                out.append(cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA))
+        dataset = TileDataset(path, pick, attrs, size, mpp=float(attrs["level0_mpp"]))
+        out += [dataset[i] for i in range(len(pick))]
+        dataset.close()
     if not out:
         raise ValueError("no tiles to pretrain on: tile the cohort first (`fusion tile`)")
-    arr = np.stack(out)[rng.permutation(len(out))[:n]]
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+    return torch.stack(out)[torch.from_numpy(rng.permutation(len(out))[:n])].contiguous()

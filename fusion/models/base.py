@@ -27,3 +27,8 @@ class TileModel(nn.Module):
         """head output [B, n_outputs] -> {'risk': [B]} for one output, else {'logits': [B, C]}, plus extras."""
         out = out.float()
         return {**extra, **({"risk": out.squeeze(-1)} if self.n_outputs == 1 else {"logits": out})}
+
+
+def clinical_or_mean(clinical: torch.Tensor | None, like: torch.Tensor, dim: int) -> torch.Tensor:
+    """Standardised clinical covariates [B, C]; when none are given, zeros: the training-fold mean."""
+    return clinical if clinical is not None else like.new_zeros(like.shape[0], dim)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion.models.base import TileModel
+from fusion.models.base import TileModel, clinical_or_mean
 from fusion.models.coattn import GenomicTokens, default_groups
 from fusion.models.registry import register_model
 
@@ -73,17 +73,12 @@ class BioFusionNet(TileModel):
         img = torch.einsum("bmn,bnh->bmh", attn.to(h.dtype), h)  # [B, M, H]
         has_tiles = mask.any(1)
         img = torch.where(has_tiles[:, None, None], img, self.no_image[None].to(img.dtype))
-        if genomics is None:
-            genomics = features.new_zeros(b, max(int(g.max()) for g in self.genes.groups) + 1)
-            genomics_mask = torch.zeros(b, dtype=torch.bool, device=features.device)
-        genes = self.genes(genomics, genomics_mask)  # [B, K, H]
+        genes = self.genes(genomics, genomics_mask, b)  # [B, K, H]
         img_ctx, _ = self.img_to_gene(img, genes, genes)  # image tokens read the genes
         gene_ctx, _ = self.gene_to_img(genes, img, img)  # gene tokens read the image
         parts = [(img + img_ctx).mean(1), (genes + gene_ctx).mean(1)]
-        if self.clinical is not None:  # missing clinical values are zeros: the training-fold mean
-            if clinical is None:
-                clinical = features.new_zeros(b, self.clinical[0].in_features)
-            parts.append(self.clinical(clinical))
+        if self.clinical is not None:
+            parts.append(self.clinical(clinical_or_mean(clinical, features, self.clinical[0].in_features)))
         return self.outputs(self.head(torch.cat(parts, 1)), attention=attn.mean(1),
                             aux_loss=self.vae_weight * vae_loss.mean())
 

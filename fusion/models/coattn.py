@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fusion.models.abmil import GatedAttentionPool
-from fusion.models.base import TileModel
+from fusion.models.base import TileModel, clinical_or_mean
 from fusion.models.registry import register_model
 
 
@@ -36,7 +36,10 @@ class GenomicTokens(nn.Module):
         self.nets = nn.ModuleList(snn(len(g), hidden, dropout) for g in groups)
         self.missing = nn.Parameter(torch.zeros(len(groups), hidden))
 
-    def forward(self, genomics: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    def forward(self, genomics: torch.Tensor | None, present: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """genomics [B, G] (or None: nobody has any), present [B] -> tokens [B, K, H]."""
+        if genomics is None:
+            return self.missing[None].expand(batch, -1, -1)
         tokens = torch.stack([net(genomics[:, getattr(self, f"idx{i}")]) for i, net in enumerate(self.nets)], 1)
         return torch.where(present[:, None, None], tokens, self.missing[None].to(tokens.dtype))
 
@@ -62,10 +65,7 @@ class CoAttention(TileModel):
                 genomics_mask: torch.Tensor | None = None, clinical: torch.Tensor | None = None, **_) -> dict:
         b = features.shape[0]
         h = self.tiles(self.normalise(features))  # [B, N, H]
-        if genomics is None:
-            genomics = features.new_zeros(b, max(int(g.max()) for g in self.genes.groups) + 1)
-            genomics_mask = torch.zeros(b, dtype=torch.bool, device=features.device)
-        g = self.genes(genomics, genomics_mask)  # [B, K, H]
+        g = self.genes(genomics, genomics_mask, b)  # [B, K, H]
         has_tiles = mask.any(1)
         safe_mask = mask | ~has_tiles[:, None]  # an empty bag attends to padding, then is replaced below
         guided, gene_to_tile = self.coattn(g, h, h, key_padding_mask=~safe_mask)  # [B, K, H], [B, K, N]
@@ -74,10 +74,8 @@ class CoAttention(TileModel):
         path_z = torch.where(has_tiles[:, None], path_z, self.no_image.to(path_z.dtype))
         gene_z, gene_attn = self.gene_pool(self.gene_tf(g), torch.ones(g.shape[:2], dtype=torch.bool, device=g.device))
         parts = [path_z, gene_z]
-        if self.clinical is not None:  # missing clinical values are zeros: the training-fold mean
-            if clinical is None:
-                clinical = features.new_zeros(b, self.clinical[0].in_features)
-            parts.append(self.clinical(clinical))
+        if self.clinical is not None:
+            parts.append(self.clinical(clinical_or_mean(clinical, features, self.clinical[0].in_features)))
         attention = (gene_to_tile.float().mean(1) * mask).float()  # tiles weighted by all gene groups
         return self.outputs(self.head(torch.cat(parts, 1)),
                             attention=attention / attention.sum(1, keepdim=True).clamp_min(1e-12),

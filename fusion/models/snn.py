@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fusion.models.base import TileModel
+from fusion.models.base import TileModel, clinical_or_mean
 from fusion.models.coattn import snn
 from fusion.models.registry import register_model
 
@@ -28,7 +28,7 @@ class GenomicsSNN(TileModel):
             genomics_mask = torch.zeros(b, dtype=torch.bool, device=features.device)
         parts = [genomics]
         if self.clinical_dim:
-            parts.append(clinical if clinical is not None else features.new_zeros(b, self.clinical_dim))
+            parts.append(clinical_or_mean(clinical, features, self.clinical_dim))
         h = self.body(torch.cat(parts, 1))
         h = torch.where(genomics_mask[:, None], h, self.missing.to(h.dtype))
         attention = mask.float() / mask.float().sum(1, keepdim=True).clamp_min(1)  # uniform: tiles unused

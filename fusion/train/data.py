@@ -152,7 +152,8 @@ class Preprocessor:
         n = len(bags)
         out: dict[str, np.ndarray] = {}
         if self.genes and bags.genomics is not None:
-            idx = [bags.gene_names.index(g) for g in self.genes]
+            position = {g: i for i, g in enumerate(bags.gene_names)}
+            idx = [position[g] for g in self.genes]
             g = (bags.genomics[:, idx] - np.array(self.gene_mean)) / np.array(self.gene_std)
             present = ~np.isnan(bags.genomics[:, idx]).all(1)
             out["genomics"] = np.nan_to_num(g, nan=0.0).astype(np.float32)
@@ -185,7 +186,8 @@ def collate(bags: list[np.ndarray], max_tiles: int | None, rng: np.random.Genera
     chosen = []
     for f in bags:
         if max_tiles is not None and len(f) > max_tiles:
-            assert rng is not None
+            if rng is None:
+                raise ValueError("collate: subsampling to max_tiles needs a random generator (rng)")
             f = f[np.sort(rng.choice(len(f), max_tiles, replace=False))]
         chosen.append(f)
     n = max(1, max(len(f) for f in chosen))

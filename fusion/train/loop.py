@@ -4,6 +4,7 @@ and run patient-level cross-validation writing every fold's artifacts."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -132,23 +133,18 @@ def model_kwargs(config: TrainConfig, bags: Bags, prep: Preprocessor | None) -> 
 
 def _loss(out: dict, time: torch.Tensor, event: torch.Tensor, label: torch.Tensor, loss_fn,
           edges: torch.Tensor | None = None) -> torch.Tensor:
+    """The task's criterion on the model's output, plus its auxiliary loss; ACMIL's branches are each
+    trained on the same target and their mean loss is added."""
     if edges is not None:  # discrete-time survival
-        loss = nll_survival_loss(out["logits"], time, event, edges) + out.get("aux_loss", 0.0)
-        if "branch_outputs" in out:
-            branch = out["branch_outputs"]
-            loss = loss + sum(nll_survival_loss(branch[:, m], time, event, edges)
-                              for m in range(branch.shape[1])) / branch.shape[1]
-        return loss
-    if "logits" in out:  # classification
-        loss = F.cross_entropy(out["logits"], label) + out.get("aux_loss", 0.0)
-        if "branch_outputs" in out:  # ACMIL: every branch is trained on the target too
-            branch = out["branch_outputs"]
-            loss = loss + sum(F.cross_entropy(branch[:, m], label) for m in range(branch.shape[1])) / branch.shape[1]
-        return loss
-    loss = loss_fn(out["risk"], time, event) + out.get("aux_loss", 0.0)
-    if "branch_risk" in out:
-        branch = out["branch_risk"]
-        loss = loss + sum(loss_fn(branch[:, m], time, event) for m in range(branch.shape[1])) / branch.shape[1]
+        criterion, main, branches = (lambda o: nll_survival_loss(o, time, event, edges)), out["logits"], \
+            out.get("branch_outputs")
+    elif "logits" in out:  # classification
+        criterion, main, branches = (lambda o: F.cross_entropy(o, label)), out["logits"], out.get("branch_outputs")
+    else:
+        criterion, main, branches = (lambda r: loss_fn(r, time, event)), out["risk"], out.get("branch_risk")
+    loss = criterion(main) + out.get("aux_loss", 0.0)
+    if branches is not None:
+        loss = loss + sum(criterion(branches[:, m]) for m in range(branches.shape[1])) / branches.shape[1]
     return loss
 
 
@@ -189,7 +185,7 @@ def fit(bags: Bags, val: Bags, config: TrainConfig, seed: int,
             losses.append(float(loss.detach()))
         val_out = predict_risk(model, val, device, hazards=edges is not None)
         if edges is not None:
-            val_out = _hazard_risk(val_out)
+            val_out = hazard_risk(val_out)
         if classify:
             val_c = auc(val.label, val_out)
             val_loss = float(F.nll_loss(torch.log(torch.from_numpy(val_out).clamp_min(1e-7)),
@@ -221,7 +217,7 @@ def survival_horizons(bags: Bags) -> list[float]:
     return [float(np.round(q, 1)) for q in np.quantile(times, [0.25, 0.5, 0.75])]
 
 
-def _hazard_risk(hazards: np.ndarray) -> np.ndarray:
+def hazard_risk(hazards: np.ndarray) -> np.ndarray:
     """Risk from discrete hazards [P, K]: minus the summed survival over bins (MCAT); higher = worse."""
     return -np.cumprod(1 - hazards, axis=1).sum(1)
 
@@ -272,8 +268,8 @@ def cross_validate(bags: Bags, config: TrainConfig, out_dir: str | Path,
     for k, (train_idx, test_idx) in enumerate(folds):
         # Scaling, imputation and gene selection are fitted on the training fold only.
         prep = Preprocessor(config.max_genes).fit(bags.subset(train_idx))
-        bags.tab = prep.transform(bags)
-        train, test = bags.subset(train_idx), bags.subset(test_idx)
+        fold_bags = dataclasses.replace(bags, tab=prep.transform(bags))  # the caller's bags stay untouched
+        train, test = fold_bags.subset(train_idx), fold_bags.subset(test_idx)
         fit_idx, val_idx = inner_split(train.label if classify else train.event, config.val_fraction, config.seed + k)
         edges = None
         if config.discrete:  # bins at the quantiles of the training fold's event times (MCAT)
@@ -290,7 +286,7 @@ def cross_validate(bags: Bags, config: TrainConfig, out_dir: str | Path,
                 preds[f"prob_{name}"] = out[:, c]
             preds["predicted"] = [bags.classes[i] for i in out.argmax(1)]
         elif edges is not None:
-            preds["risk"] = _hazard_risk(out)
+            preds["risk"] = hazard_risk(out)
             score = concordance(test.time, test.event, preds["risk"].to_numpy())
             curves = discrete_curves(out, edges.numpy(), horizons)
             for j, h in enumerate(horizons):

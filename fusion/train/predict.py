@@ -7,6 +7,7 @@ stored preprocessing, never refitted.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from fusion.run import RunLayout
 from fusion.storage import atomic_path
 from fusion.train.checkpoint import load_checkpoint
 from fusion.train.data import Preprocessor, load_bags
-from fusion.train.loop import MULTIMODAL, predict_risk
+from fusion.train.loop import MULTIMODAL, hazard_risk, predict_risk
 
 
 def predict_patients(model_dir: str | Path, layout: RunLayout, cohort: Cohort, out: str | Path | None = None,
@@ -30,22 +31,23 @@ def predict_patients(model_dir: str | Path, layout: RunLayout, cohort: Cohort, o
     if not folds:
         raise RunError(f"no fold checkpoints (fold-*/model.safetensors) in {model_dir}")
     dev = pick_device(device)
-    outputs, ids, config = [], None, {}
+    bags, outputs, config = None, [], {}
     for weights in folds:
         model, config = load_checkpoint(weights.parent)
         train = config["train_config"]
-        bags, _ = load_bags(layout, cohort, config["encoder"], train.get("tile_set", ""),
-                            keep_without_tiles=train["model"] in MULTIMODAL)
-        if not len(bags):
-            raise RunError(f"no patient of {cohort.root} has '{config['encoder']}' features in {layout.root}; "
-                           f"run `fusion extract {layout.root} --encoder {config['encoder']}` first")
+        if bags is None:  # every fold of a model was trained on the same features: read them once
+            bags, _ = load_bags(layout, cohort, config["encoder"], train.get("tile_set", ""),
+                                keep_without_tiles=train["model"] in MULTIMODAL)
+            if not len(bags):
+                raise RunError(f"no patient of {cohort.root} has '{config['encoder']}' features in {layout.root}; "
+                               f"run `fusion extract {layout.root} --encoder {config['encoder']}` first")
         state = dict(config["preprocessor"])
         state["numeric"] = {k: tuple(v) for k, v in state["numeric"].items()}
-        bags.tab = Preprocessor(**state).transform(bags)
+        fold_bags = dataclasses.replace(bags, tab=Preprocessor(**state).transform(bags))
         hazards = train.get("loss") == "nll" and train.get("task", "survival") == "survival"
-        scores = predict_risk(model.to(dev), bags, dev, hazards=hazards)
-        outputs.append(-np.cumprod(1 - scores, axis=1).sum(1) if hazards else scores)
-        ids = bags.ids
+        scores = predict_risk(model.to(dev), fold_bags, dev, hazards=hazards)
+        outputs.append(hazard_risk(scores) if hazards else scores)
+    ids = bags.ids
     mean = np.mean(outputs, axis=0)
     table = pd.DataFrame({"patient_id": ids})
     if mean.ndim == 1:
