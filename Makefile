@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: venv demo test test-fast bench lint clean
+.PHONY: venv browser demo test test-fast bench lint clean
 
 venv: $(STAMP)
 
@@ -26,10 +26,16 @@ demo: $(STAMP)
 	@test -f $(DEMO)/cohort/cohort.yaml || $(BIN)/fusion synth --out $(DEMO)/cohort --patients $(DEMO_PATIENTS)
 	$(BIN)/fusion run $(DEMO)/cohort --out $(DEMO)/run
 
-test: $(STAMP)
+# The report tests render pages in Debian's Chromium; install it when it is missing.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q --durations=10
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) browser
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
