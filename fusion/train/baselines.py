@@ -18,6 +18,7 @@ import pandas as pd
 from fusion.storage import atomic_path, hash_config, write_json
 from fusion.survival import concordance
 from fusion.train.data import Bags, Preprocessor
+from fusion.train.loop import risk_cutoffs
 from fusion.train.splits import cv_folds
 
 BASELINES = ("clinical_cox", "rsf")
@@ -58,12 +59,14 @@ def cross_validate_baseline(bags: Bags, kind: str, folds: int, seed: int, max_ge
         prep = Preprocessor(max_genes).fit(bags.subset(train_idx))
         tab = prep.transform(bags)
         x = _design(tab, kind)
-        risk, params = _fit_predict(kind, x[train_idx], bags.time[train_idx], bags.event[train_idx], x[test_idx],
-                                    seed + k)
+        both, params = _fit_predict(kind, x[train_idx], bags.time[train_idx], bags.event[train_idx],
+                                    np.concatenate([x[test_idx], x[train_idx]]), seed + k)
+        risk, train_risk = both[:len(test_idx)], both[len(test_idx):]
         c = concordance(bags.time[test_idx], bags.event[test_idx], risk)
         rows.append({"fold": k, "c_index": c, "n_test": len(test_idx)})
         fold_dir = out_dir / f"fold-{k}"
-        write_json(fold_dir / "metrics.json", {"fold": k, "c_index": c, **params})
+        write_json(fold_dir / "metrics.json", {"fold": k, "c_index": c, "train_risk_cutoffs": risk_cutoffs(train_risk),
+                                               **params})
         pred = pd.DataFrame({"patient_id": [bags.ids[i] for i in test_idx], "fold": k, "risk": risk,
                              "time": bags.time[test_idx], "event": bags.event[test_idx].astype(int)})
         with atomic_path(fold_dir / "predictions.parquet") as tmp:

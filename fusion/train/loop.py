@@ -242,6 +242,13 @@ def survival_curves(train_risk: np.ndarray, train: Bags, test_risk: np.ndarray, 
     return np.stack([[fn(min(h, fn.x[-1])) for h in horizons] for fn in breslow.get_survival_function(test_risk)])
 
 
+def risk_cutoffs(train_risk: np.ndarray) -> dict:
+    """The training fold's median and tertiles of predicted risk: the thresholds that put a test
+    patient into a risk group without looking at the test fold."""
+    return {"median": float(np.median(train_risk)),
+            "tertiles": [float(q) for q in np.quantile(train_risk, [1 / 3, 2 / 3])]}
+
+
 def cross_validate(bags: Bags, config: TrainConfig, out_dir: str | Path,
                    on_epoch: Callable[[int, int, dict], None] | None = None) -> dict:
     """Patient-level k-fold CV; per fold writes model, config, metrics and predictions.
@@ -287,6 +294,7 @@ def cross_validate(bags: Bags, config: TrainConfig, out_dir: str | Path,
             preds["predicted"] = [bags.classes[i] for i in out.argmax(1)]
         elif edges is not None:
             preds["risk"] = hazard_risk(out)
+            train_risk = hazard_risk(predict_risk(model, train, device, hazards=True))
             score = concordance(test.time, test.event, preds["risk"].to_numpy())
             curves = discrete_curves(out, edges.numpy(), horizons)
             for j, h in enumerate(horizons):
@@ -294,7 +302,8 @@ def cross_validate(bags: Bags, config: TrainConfig, out_dir: str | Path,
         else:
             score = concordance(test.time, test.event, out)
             preds["risk"] = out
-            curves = survival_curves(predict_risk(model, train, device), train, out, horizons)
+            train_risk = predict_risk(model, train, device)
+            curves = survival_curves(train_risk, train, out, horizons)
             for j, h in enumerate(horizons):
                 preds[f"surv_{h:g}"] = curves[:, j]
         fold_dir = out_dir / f"fold-{k}"
@@ -309,6 +318,8 @@ def cross_validate(bags: Bags, config: TrainConfig, out_dir: str | Path,
                    "n_train": len(fit_idx), "n_val": len(val_idx),
                    "best_epoch": int(np.argmax([np.nan_to_num(h[val_key], nan=0.5) for h in history])),
                    "history": history}
+        if not classify:
+            metrics["train_risk_cutoffs"] = risk_cutoffs(train_risk)
         write_json(fold_dir / "metrics.json", metrics)
         with atomic_path(fold_dir / "predictions.parquet") as tmp:
             preds.to_parquet(tmp, index=False)
