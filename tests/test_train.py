@@ -144,7 +144,7 @@ def test_survival_predictions_carry_curves(trained):
     layout, _, _ = trained
     preds = pd.read_parquet(layout.model_dir("abmil") / "predictions.parquet")
     surv = preds[[c for c in preds.columns if c.startswith("surv_")]].to_numpy()
-    assert surv.shape[1] == 3 and ((surv >= 0) & (surv <= 1)).all()
+    assert surv.shape[1] >= 5 and ((surv >= 0) & (surv <= 1)).all()  # deciles of the event times
     assert (np.diff(surv, axis=1) <= 1e-9).all()  # survival never rises with time
     # Higher risk, lower survival at every horizon (within a fold: same baseline hazard).
     fold = preds[preds.fold == 0].sort_values("risk")

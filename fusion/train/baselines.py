@@ -18,7 +18,7 @@ import pandas as pd
 from fusion.storage import atomic_path, hash_config, write_json
 from fusion.survival import concordance
 from fusion.train.data import Bags, Preprocessor
-from fusion.train.loop import risk_cutoffs
+from fusion.train.loop import risk_cutoffs, survival_horizons
 from fusion.train.splits import cv_folds
 
 BASELINES = ("clinical_cox", "rsf")
@@ -30,7 +30,9 @@ def _design(tab: dict[str, np.ndarray], kind: str) -> np.ndarray:
     return np.concatenate([tab["genomics"], tab["genomics_mask"][:, None].astype(np.float32), tab["clinical"]], 1)
 
 
-def _fit_predict(kind: str, x_train, time, event, x_test, seed: int) -> tuple[np.ndarray, dict]:
+def _fit_predict(kind: str, x_train, time, event, x_test, seed: int,
+                 horizons: list[float]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Fit on the training rows; risk [P] and survival at `horizons` [P, T] of `x_test`, fitted parameters."""
     if kind == "clinical_cox":
         from lifelines import CoxPHFitter
 
@@ -39,14 +41,17 @@ def _fit_predict(kind: str, x_train, time, event, x_test, seed: int) -> tuple[np
         df = pd.DataFrame(x_train[:, keep], columns=np.array(cols)[keep])
         df["time"], df["event"] = time, event.astype(int)
         cph = CoxPHFitter(penalizer=0.1).fit(df, "time", "event")
-        risk = cph.predict_log_partial_hazard(pd.DataFrame(x_test[:, keep], columns=np.array(cols)[keep]))
-        return np.asarray(risk, float), {"coefficients": cph.params_.to_dict()}
+        test = pd.DataFrame(x_test[:, keep], columns=np.array(cols)[keep])
+        surv = cph.predict_survival_function(test, times=horizons).to_numpy().T
+        return np.asarray(cph.predict_log_partial_hazard(test), float), surv, {"coefficients": cph.params_.to_dict()}
     from sksurv.ensemble import RandomSurvivalForest
     from sksurv.util import Surv
 
     rsf = RandomSurvivalForest(n_estimators=200, min_samples_leaf=5, max_features="sqrt", n_jobs=-1,
                                random_state=seed).fit(x_train, Surv.from_arrays(event.astype(bool), time))
-    return rsf.predict(x_test), {}
+    curves = rsf.predict_survival_function(x_test)
+    surv = np.stack([[fn(np.clip(h, fn.domain[0], fn.domain[1])) for h in horizons] for fn in curves])
+    return rsf.predict(x_test), surv, {}
 
 
 def cross_validate_baseline(bags: Bags, kind: str, folds: int, seed: int, max_genes: int, out_dir: str | Path) -> dict:
@@ -55,12 +60,13 @@ def cross_validate_baseline(bags: Bags, kind: str, folds: int, seed: int, max_ge
         raise ValueError(f"unknown baseline '{kind}'; available: {', '.join(BASELINES)}")
     out_dir = Path(out_dir)
     rows, preds = [], []
+    horizons = survival_horizons(bags)
     for k, (train_idx, test_idx) in enumerate(cv_folds(bags.event, folds, seed)):
         prep = Preprocessor(max_genes).fit(bags.subset(train_idx))
         tab = prep.transform(bags)
         x = _design(tab, kind)
-        both, params = _fit_predict(kind, x[train_idx], bags.time[train_idx], bags.event[train_idx],
-                                    np.concatenate([x[test_idx], x[train_idx]]), seed + k)
+        both, surv, params = _fit_predict(kind, x[train_idx], bags.time[train_idx], bags.event[train_idx],
+                                          np.concatenate([x[test_idx], x[train_idx]]), seed + k, horizons)
         risk, train_risk = both[:len(test_idx)], both[len(test_idx):]
         c = concordance(bags.time[test_idx], bags.event[test_idx], risk)
         rows.append({"fold": k, "c_index": c, "n_test": len(test_idx)})
@@ -69,6 +75,8 @@ def cross_validate_baseline(bags: Bags, kind: str, folds: int, seed: int, max_ge
                                                **params})
         pred = pd.DataFrame({"patient_id": [bags.ids[i] for i in test_idx], "fold": k, "risk": risk,
                              "time": bags.time[test_idx], "event": bags.event[test_idx].astype(int)})
+        for j, h in enumerate(horizons):
+            pred[f"surv_{h:g}"] = surv[:len(test_idx), j]
         with atomic_path(fold_dir / "predictions.parquet") as tmp:
             pred.to_parquet(tmp, index=False)
         preds.append(pred)
@@ -76,7 +84,7 @@ def cross_validate_baseline(bags: Bags, kind: str, folds: int, seed: int, max_ge
     config = {"model": kind, "folds": folds, "seed": seed, "max_genes": max_genes}
     summary = {"model": kind, "c_index_mean": float(np.nanmean(cs)), "c_index_sd": float(np.nanstd(cs, ddof=1)),
                "c_index_folds": cs.tolist(), "n_patients": len(bags), "n_events": int(bags.event.sum()),
-               "config": config, "config_hash": hash_config(config)}
+               "config": config, "config_hash": hash_config(config), "horizons": horizons}
     write_json(out_dir / "cv_metrics.json", summary)
     with atomic_path(out_dir / "predictions.parquet") as tmp:
         pd.concat(preds).to_parquet(tmp, index=False)

@@ -212,9 +212,10 @@ def fit(bags: Bags, val: Bags, config: TrainConfig, seed: int,
 
 
 def survival_horizons(bags: Bags) -> list[float]:
-    """Times at which predicted survival is reported: quartiles of the observed event times."""
+    """Times at which predicted survival is reported: deciles 1-9 of the observed event times (enough
+    points for an integrated Brier score; the median event time is the calibration horizon)."""
     times = bags.time[bags.event] if bags.event.any() else bags.time
-    return [float(np.round(q, 1)) for q in np.quantile(times, [0.25, 0.5, 0.75])]
+    return sorted({float(np.round(q, 1)) for q in np.quantile(times, np.arange(1, 10) / 10)})
 
 
 def hazard_risk(hazards: np.ndarray) -> np.ndarray:
@@ -234,19 +235,28 @@ def discrete_curves(hazards: np.ndarray, edges: np.ndarray, horizons: list[float
     return out
 
 
-def survival_curves(train_risk: np.ndarray, train: Bags, test_risk: np.ndarray, horizons: list[float]) -> np.ndarray:
-    """S(t | x) [P, T] at `horizons`, Breslow's baseline hazard estimated on the training fold."""
+def baseline_survival(train_risk: np.ndarray, train: Bags) -> dict:
+    """Breslow's baseline survival S0(t) on the training fold, as a step function {time, survival}:
+    S(t | x) = S0(t) ** exp(risk(x)). Stored with each fold's checkpoint for reports."""
     from sksurv.linear_model.coxph import BreslowEstimator
 
-    breslow = BreslowEstimator().fit(train_risk, train.event, train.time)
-    return np.stack([[fn(min(h, fn.x[-1])) for h in horizons] for fn in breslow.get_survival_function(test_risk)])
+    fn = BreslowEstimator().fit(train_risk, train.event, train.time).baseline_survival_
+    return {"time": [float(t) for t in fn.x], "survival": [float(v) for v in fn.y]}
+
+
+def survival_at(baseline: dict, risk: np.ndarray, times: list[float] | np.ndarray) -> np.ndarray:
+    """S(t | x) [P, T] from a stored Breslow baseline: S0 at the last step at or before t (1 before the first)."""
+    grid = np.asarray(baseline["time"])
+    s0 = np.concatenate([[1.0], baseline["survival"]])[np.searchsorted(grid, np.asarray(times, float), side="right")]
+    return s0[None, :] ** np.exp(np.asarray(risk, float))[:, None]
 
 
 def risk_cutoffs(train_risk: np.ndarray) -> dict:
-    """The training fold's median and tertiles of predicted risk: the thresholds that put a test
-    patient into a risk group without looking at the test fold."""
+    """The training fold's median, tertiles and percentiles (0..100) of predicted risk: the thresholds
+    that put a test patient into a risk group, and a percentile, without looking at the test fold."""
     return {"median": float(np.median(train_risk)),
-            "tertiles": [float(q) for q in np.quantile(train_risk, [1 / 3, 2 / 3])]}
+            "tertiles": [float(q) for q in np.quantile(train_risk, [1 / 3, 2 / 3])],
+            "percentiles": [float(q) for q in np.percentile(train_risk, np.arange(101))]}
 
 
 def cross_validate(bags: Bags, config: TrainConfig, out_dir: str | Path,
@@ -278,7 +288,7 @@ def cross_validate(bags: Bags, config: TrainConfig, out_dir: str | Path,
         fold_bags = dataclasses.replace(bags, tab=prep.transform(bags))  # the caller's bags stay untouched
         train, test = fold_bags.subset(train_idx), fold_bags.subset(test_idx)
         fit_idx, val_idx = inner_split(train.label if classify else train.event, config.val_fraction, config.seed + k)
-        edges = None
+        edges, baseline = None, None
         if config.discrete:  # bins at the quantiles of the training fold's event times (MCAT)
             edges = discrete_time_bins(torch.as_tensor(train.time), torch.as_tensor(train.event), config.n_bins)
         model, history = fit(train.subset(fit_idx), train.subset(val_idx), config, seed=config.seed * 1000 + k,
@@ -303,7 +313,8 @@ def cross_validate(bags: Bags, config: TrainConfig, out_dir: str | Path,
             score = concordance(test.time, test.event, out)
             preds["risk"] = out
             train_risk = predict_risk(model, train, device)
-            curves = survival_curves(train_risk, train, out, horizons)
+            baseline = baseline_survival(train_risk, train)
+            curves = survival_at(baseline, out, horizons)
             for j, h in enumerate(horizons):
                 preds[f"surv_{h:g}"] = curves[:, j]
         fold_dir = out_dir / f"fold-{k}"
@@ -311,7 +322,8 @@ def cross_validate(bags: Bags, config: TrainConfig, out_dir: str | Path,
                         fold_dir, extra={"train_config": asdict(config), "config_hash": config_hash,
                                          "fold": k, "encoder": config.encoder, "preprocessor": prep.state(),
                                          "classes": bags.classes, "horizons": horizons,
-                                         "bin_edges": None if edges is None else edges[1:-1].tolist()})
+                                         "bin_edges": None if edges is None else edges[1:-1].tolist(),
+                                         "baseline_survival": baseline})
         model.to(device)
         val_key = "val_auc" if classify else "val_c_index"
         metrics = {"fold": k, metric: score, "n_test": len(test), "n_test_events": int(test.event.sum()),
