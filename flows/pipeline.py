@@ -1,106 +1,132 @@
-"""The whole pipeline as one Prefect flow: the tiling subflow and per-slide extraction tasks,
-then cross-validated training and evaluation.
+"""The whole pipeline as one Prefect flow of stage subflows: tile, extract, train, analyze, report.
 
-Resuming is the library's job (every stage skips work whose inputs hash matches what is on
-disk), so the tasks need no Prefect result persistence and the flow reruns cheaply; Prefect
-adds concurrency, retries and the run's history in its UI.
+Each stage decides up front what is stale, from hashes of its inputs and parameters that the
+library stores beside its outputs: a slide's content and the tiling parameters for its tiles, the
+tiles and encoder version for its features, every slide's features plus the patient tables and
+training config for a model, the models' predictions for the analysis and reports. A rerun after
+one slide landed therefore tiles and encodes that slide, retrains (the features changed) and
+redoes what depends on the models; a rerun with nothing changed starts no slide task and trains nothing.
+
+`pipeline_from_config` is `fusion pipeline CONFIG.yaml`; `pipeline` is `fusion run`'s flag-driven
+flavour (one model, no analysis or reports). Both write RUN/summary.json and a Markdown artifact.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.runtime import task_run
-from prefect.task_runners import ThreadPoolTaskRunner
-from prefect.tasks import exponential_backoff
 
-from flows.tiling import RETRIES, tile_cohort
-from fusion.run import init_run, open_run
-from fusion.stages import build_encoders, evaluate_stage, extract_one, slide_rows, train_stage
+from flows.extraction import extract_cohort
+from flows.reporting import analyze_stage, report_stage
+from flows.runners import dask_cluster, slide_task_runner
+from flows.tiling import tile_cohort
+from flows.training import train_models
+from fusion.features import ExtractConfig
+from fusion.pipeline_config import PipelineConfig
+from fusion.run import init_run
 from fusion.storage import write_json
 from fusion.train.evaluate import format_evaluation
 from fusion.train.loop import TrainConfig
 from fusion.wsi import TilingConfig
 
 
-@task(name="extract-slide", task_run_name="extract-{slide_id}", cache_policy=NO_CACHE, retries=RETRIES,
-      retry_delay_seconds=exponential_backoff(backoff_factor=2))
-def extract_slide_task(run: str, slide_id: str, path: str, encoders: list[str]) -> dict:
-    layout, _ = open_run(run)
-    last_try = task_run.run_count > RETRIES
-    return extract_one(layout, slide_id, path, build_encoders(encoders, layout), raise_transient=not last_try)
-
-
-@task(name="train", task_run_name="train-{config.model}", cache_policy=NO_CACHE)
-def train_task(run: str, config: TrainConfig) -> dict:
-    layout, cohort = open_run(run)
-    logger = get_run_logger()
-
-    def on_epoch(fold: int, epoch: int, record: dict) -> None:
-        if epoch % 10 == 0:
-            logger.info("fold %d epoch %d: train loss %.3f, val C-index %.3f", fold, epoch,
-                        record["train_loss"], record["val_c_index"])
-
-    return train_stage(layout, cohort, config, on_epoch=on_epoch)
-
-
-@task(name="evaluate", task_run_name="evaluate-{model}", cache_policy=NO_CACHE)
-def evaluate_task(run: str, model: str) -> dict:
-    layout, cohort = open_run(run)
-    return evaluate_stage(layout, cohort, model)
-
-
-@flow(name="fusion-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
+@flow(name="fusion-pipeline", log_prints=True)
 def pipeline(
     cohort: str,
     run: str,
     tiling: TilingConfig = TilingConfig(),
     train: TrainConfig = TrainConfig(),
     mpp: float | None = None,
+    workers: int = 2,
+    dask_address: str | None = None,
 ) -> dict:
     """Tile every slide, extract features, cross-validate `train.model`, evaluate; return a summary."""
-    layout = init_run(run, cohort)
-    run = str(layout.root)
-    _, cohort_obj = open_run(run)
-    slides = slide_rows(cohort_obj)
-
-    tiled = tile_cohort(cohort, run, tiling, mpp)
-    ok = [(sid, path) for (sid, path), r in zip(slides, tiled, strict=True) if r["status"] != "failed"]
-    extract_futures = [extract_slide_task.submit(run, sid, path, [train.encoder]) for sid, path in ok]
-    extracted = [f.result() for f in extract_futures]
-
-    trained = train_task(run, train)
-    evaluation = evaluate_task(run, train.model)
-    failed = [r for r in tiled + extracted if r["status"] == "failed"]
-    summary = {
-        "run": run,
-        "slides": len(slides),
-        "tiles": int(sum(r.get("n_tiles") or 0 for r in tiled)),
-        "slides_skipped": {"tile": sum(r["status"] == "skipped" for r in tiled),
-                           "extract": sum(r["status"] == "skipped" for r in extracted)},
-        "failed": [{"slide_id": r["slide_id"], "error": r["error"]} for r in failed],
-        "model": train.model,
-        "c_index_mean": trained["c_index_mean"],
-        "evaluation": evaluation,
-    }
-    write_json(Path(run) / "summary.json", summary)
-    create_markdown_artifact(key="fusion-run-summary", markdown=_summary_markdown(summary),
-                             description=f"fusion run {run}")
-    print(format_evaluation(evaluation))
+    run = str(init_run(run, cohort).root)
+    runner = slide_task_runner(workers, dask_address)
+    tiled = tile_cohort.with_options(task_runner=runner)(cohort, run, tiling, mpp, train.tile_set)
+    extracted = extract_cohort.with_options(task_runner=runner)(
+        run, [train.encoder], ExtractConfig(), train.tile_set, slides=_tiled_ok(tiled))
+    models = train_models(run, [train])
+    summary = _summary(run, tiled, extracted, models)
+    print(format_evaluation(models[0]["evaluation"]))
     return summary
 
 
-def _summary_markdown(summary: dict) -> str:
-    """The run's summary as a Markdown table, shown in Prefect's UI as an artifact."""
-    ev = summary["evaluation"]
-    lines = ["| run | slides | tiles | failed | model | C-index (mean ± sd) | oracle |",
-             "|---|---|---|---|---|---|---|",
-             f"| {summary['run']} | {summary['slides']} | {summary['tiles']} | {len(summary['failed'])} | "
-             f"{summary['model']} | {ev['c_index_mean']:.3f} ± {ev['c_index_sd']:.3f} | "
-             f"{ev.get('oracle_c_index_mean', float('nan')):.3f} |"]
+@flow(name="fusion-pipeline-config", log_prints=True)
+def pipeline_from_config(config: PipelineConfig) -> dict:
+    """Every stage that `config` asks for, each redoing only what is stale; returns the summary."""
+    cohort, tile_set = str(config.cohort), config.tiling.tile_set
+    run = str(init_run(config.run, cohort).root)
+    with dask_cluster(config.dask_workers, config.dask_address) as address:
+        runner = slide_task_runner(config.workers, address)
+        tiled = tile_cohort.with_options(task_runner=runner)(cohort, run, config.tiling.build(), config.tiling.mpp,
+                                                             tile_set)
+        extracted = extract_cohort.with_options(task_runner=runner)(
+            run, config.extract.encoders, config.extract.build(), tile_set, slides=_tiled_ok(tiled),
+            gpu_slots=config.extract.gpu_slots)
+    models = train_models(run, config.train_configs())
+    analysis = analyze_stage(run, config.analysis.models) if config.analysis.enabled else None
+    reports = report_stage(run, config.report_model, config.report.patients) if config.report.enabled else []
+    summary = _summary(run, tiled, extracted, models, reports=reports, analysis=analysis is not None)
+    for m in models:
+        print(f"{m['model']}:\n{format_evaluation(m['evaluation'])}")
+    return summary
+
+
+def _tiled_ok(tiled: list[dict]) -> list[str]:
+    return [r["slide_id"] for r in tiled if r["status"] != "failed"]
+
+
+def _summary(run: str, tiled: list[dict], extracted: list[dict], models: list[dict], reports: list[str] = (),
+             analysis: bool = False) -> dict:
+    """RUN/summary.json and the Prefect artifact: what each stage did, each model's score, the reports."""
+    failed = [r for r in tiled + extracted if r["status"] == "failed"]
+    first = models[0]
+    summary = {
+        "run": run,
+        "slides": len(tiled),
+        "tiles": int(sum(r.get("n_tiles") or 0 for r in tiled)),
+        "slides_done": {"tile": sum(r["status"] == "done" for r in tiled),
+                        "extract": sum(r["status"] == "done" for r in extracted)},
+        "slides_skipped": {"tile": sum(r["status"] == "skipped" for r in tiled),
+                           "extract": sum(r["status"] == "skipped" for r in extracted)},
+        "failed": [{"slide_id": r["slide_id"], "error": r["error"]} for r in failed],
+        "model": first["model"],
+        "c_index_mean": first["summary"].get("c_index_mean", first["summary"].get("auc_mean")),
+        "evaluation": first["evaluation"],
+        "models": [{"model": m["model"], "retrained": not m["skipped"], "evaluation": m["evaluation"]}
+                   for m in models],
+        "analysis": str(Path(run) / "analysis") if analysis else None,
+        "reports": list(reports),
+    }
+    write_json(Path(run) / "summary.json", summary)
+    create_markdown_artifact(key="fusion-run-summary", markdown=summary_markdown(summary),
+                             description=f"fusion run {run}")
+    return summary
+
+
+def summary_markdown(summary: dict) -> str:
+    """The run's summary as Markdown tables (shown in Prefect's UI), with links to the reports."""
+    done, skipped = summary["slides_done"], summary["slides_skipped"]
+    lines = ["| run | slides | tiles | tiled now | encoded now | failed |", "|---|---|---|---|---|---|",
+             f"| {summary['run']} | {summary['slides']} | {summary['tiles']} | {done['tile']} "
+             f"(+{skipped['tile']} up to date) | {done['extract']} (+{skipped['extract']} up to date) "
+             f"| {len(summary['failed'])} |", "",
+             "| model | retrained | score (mean ± sd) | oracle |", "|---|---|---|---|"]
+    for m in summary["models"]:
+        ev = m["evaluation"]
+        metric = "auc" if ev.get("task") == "classification" else "c_index"
+        oracle = ev.get("oracle_c_index_mean")
+        lines.append(f"| {m['model']} | {'yes' if m['retrained'] else 'no (inputs unchanged)'} | "
+                     f"{metric} {ev[f'{metric}_mean']:.3f} ± {ev[f'{metric}_sd']:.3f} | "
+                     f"{'' if oracle is None else f'{oracle:.3f}'} |")
     if summary["failed"]:
         lines += ["", "Failed slides:", *[f"- `{f['slide_id']}`: {f['error']}" for f in summary["failed"]]]
+    if summary.get("analysis"):
+        lines += ["", f"Cohort analysis: [{summary['analysis']}]({Path(summary['analysis']).as_uri()})"]
+    if summary.get("reports"):
+        lines += ["", f"Patient reports ({len(summary['reports'])}):", ""]
+        lines += [f"- [{Path(p).stem}]({Path(p).resolve().as_uri()})" for p in summary["reports"]]
     return "\n".join(lines)

@@ -1,0 +1,73 @@
+"""Rich progress bars for the flows' slides, tiles and epochs, when a terminal command runs them.
+
+The CLI opens `show_progress()` around a flow; the flows call `bar()` wherever they wait on work.
+Without an open display (Prefect worker, deployment, tests) `bar()` does nothing. While bars are
+shown, Prefect's console log handler prints through the same rich console, so log lines scroll
+above the bars instead of tearing them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+_current: Progress | None = None
+_lock = threading.Lock()
+
+
+class Bar:
+    """One progress bar; `advance` is safe from task threads. A Bar without a display is a no-op."""
+
+    def __init__(self, progress: Progress | None, description: str, total: float | None):
+        self._progress = progress
+        self._id = progress.add_task(description, total=total) if progress else None
+
+    def advance(self, n: float = 1) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._id, n)
+
+    def update(self, **fields) -> None:
+        if self._progress is not None:
+            self._progress.update(self._id, **fields)
+
+
+def bar(description: str, total: float | None) -> Bar:
+    """A new bar on the open display, or a no-op bar."""
+    return Bar(_current, description, total)
+
+
+@contextlib.contextmanager
+def show_progress(console: Console | None = None) -> Iterator[Progress]:
+    """Show bars for the flows run inside the block, with Prefect's log lines printed above them."""
+    global _current
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, transient=False)
+    handlers = _prefect_console_handlers()
+    with _lock, progress:
+        saved = [(h, h.console) for h in handlers]
+        for h, _ in saved:
+            h.console = progress.console
+        _current = progress
+        try:
+            yield progress
+        finally:
+            _current = None
+            for h, c in saved:
+                h.console = c
+
+
+def _prefect_console_handlers() -> list:
+    from prefect.logging.configuration import setup_logging
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(name) for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", "")]
+    found = [h for lg in loggers for h in lg.handlers if isinstance(h, PrefectConsoleHandler)]
+    if not found:  # Prefect configures its handlers on first use; do it now so they can be redirected
+        setup_logging()
+        found = [h for lg in loggers for h in lg.handlers if isinstance(h, PrefectConsoleHandler)]
+    return found

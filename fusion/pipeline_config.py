@@ -1,0 +1,174 @@
+"""`fusion pipeline CONFIG.yaml`: the whole pipeline described by one file (no Prefect here).
+
+Relative paths in the file are resolved against the file's own folder, so a config works from
+any working directory (a scheduled deployment does not run where it was started). The config's
+sections become the library's own frozen configs (`TilingConfig`, `ExtractConfig`, `TrainConfig`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fusion.errors import FusionError
+
+
+class PipelineConfigError(FusionError, ValueError):
+    """A pipeline config file is invalid; the message lists every problem."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TilingSection(_Frozen):
+    target_mpp: float = 0.5
+    patch_size: int = 256
+    min_tissue: float = 0.5
+    overlap: float = 0.0
+    max_ink: float = 0.05
+    preset: str = "resection"
+    tissue: dict[str, float | bool] = Field(default_factory=dict)  # overrides of the preset
+    mpp: float | None = None  # level-0 um/px for slides without resolution metadata
+    tile_set: str = ""
+
+    def build(self):
+        from fusion.wsi import TilingConfig
+        from fusion.wsi.tissue import preset
+
+        return TilingConfig(target_mpp=self.target_mpp, patch_size=self.patch_size, min_tissue=self.min_tissue,
+                            overlap=self.overlap, max_ink=self.max_ink, tissue=preset(self.preset, **self.tissue))
+
+
+class ExtractSection(_Frozen):
+    encoders: list[str] = Field(default_factory=lambda: ["morph"], min_length=1)
+    batch_size: int = 128
+    num_workers: int = 0
+    device: str = "auto"
+    min_sharpness: float | None = None
+    stain_normalize: bool = False
+    gpu_slots: int = 1  # extraction tasks at once on a CUDA device (a Prefect concurrency limit)
+
+    def build(self):
+        from fusion.features import ExtractConfig
+
+        return ExtractConfig(batch_size=self.batch_size, num_workers=self.num_workers, device=self.device,
+                             min_sharpness=self.min_sharpness, stain_normalize=self.stain_normalize)
+
+
+class ModelSection(_Frozen):
+    """One model to cross-validate: any `TrainConfig` field (model, task, folds, epochs, loss, ...)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    model: str = "abmil"
+    task: Literal["survival", "classification"] = "survival"
+
+    def build(self, encoder: str, tile_set: str):
+        from fusion.train.loop import TrainConfig
+
+        fields = {"encoder": encoder, "tile_set": tile_set, **self.model_dump()}
+        try:
+            return TrainConfig(**fields)
+        except TypeError as e:
+            raise PipelineConfigError(f"models: {self.model}: {e}") from None
+
+    @property
+    def folder(self) -> str:
+        """The model's folder name under RUN/models."""
+        return self.model if self.task == "survival" else f"{self.model}-classification"
+
+
+class AnalysisSection(_Frozen):
+    enabled: bool = True
+    models: list[str] | None = None  # model folders to analyse (default: every trained one)
+
+
+class ReportSection(_Frozen):
+    enabled: bool = True
+    model: str | None = None  # model folder whose predictions the reports show (default: the first model)
+    patients: list[str] | None = None  # default: every patient
+
+
+class ServeSection(_Frozen):
+    """Scheduled scoring (`fusion serve`): new patients dropped in `inbox` are scored by `model`."""
+
+    inbox: Path
+    workdir: Path  # the growing cohort of scored patients (workdir/cohort) and its run (workdir/run)
+    model: str | None = None  # model folder in the training run (default: the first model)
+    reports: bool = True
+
+
+class PipelineConfig(_Frozen):
+    """Everything `fusion pipeline` needs; see configs/demo.yaml for a commented example."""
+
+    cohort: Path
+    run: Path
+    tiling: TilingSection = Field(default_factory=TilingSection)
+    extract: ExtractSection = Field(default_factory=ExtractSection)
+    models: list[ModelSection] = Field(default_factory=lambda: [ModelSection()])
+    train_encoder: str | None = None  # features the models train on (default: the first encoder)
+    analysis: AnalysisSection = Field(default_factory=AnalysisSection)
+    report: ReportSection = Field(default_factory=ReportSection)
+    serve: ServeSection | None = None
+    workers: int = Field(2, ge=1)  # per-slide tasks at once in the thread pool
+    dask_address: str | None = None  # run per-slide tasks on this Dask scheduler (tcp://host:8786)
+    dask_workers: int | None = Field(None, ge=1)  # ... or on a local Dask cluster of this many processes
+    strict: bool = False
+
+    @field_validator("models")
+    @classmethod
+    def _unique_models(cls, models: list[ModelSection]) -> list[ModelSection]:
+        folders = [m.folder for m in models]
+        if len(set(folders)) != len(folders):
+            raise ValueError(f"models: each model folder once, got {folders}")
+        return models
+
+    @property
+    def encoder(self) -> str:
+        return self.train_encoder or self.extract.encoders[0]
+
+    def train_configs(self) -> list:
+        return [m.build(self.encoder, self.tiling.tile_set) for m in self.models]
+
+    @property
+    def report_model(self) -> str:
+        return self.report.model or self.models[0].folder
+
+    def resolved(self, base: Path) -> PipelineConfig:
+        """A copy with every relative path anchored at `base` (the config file's folder)."""
+        update: dict[str, Any] = {"cohort": _anchor(self.cohort, base), "run": _anchor(self.run, base)}
+        if self.serve is not None:
+            update["serve"] = self.serve.model_copy(update={"inbox": _anchor(self.serve.inbox, base),
+                                                            "workdir": _anchor(self.serve.workdir, base)})
+        return self.model_copy(update=update)
+
+
+def _anchor(path: Path, base: Path) -> Path:
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def load_pipeline_config(path: str | Path, **overrides: Any) -> PipelineConfig:
+    """Read and validate a pipeline config; top-level `overrides` (e.g. dask_workers=2) win over the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineConfigError(f"pipeline config {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise PipelineConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise PipelineConfigError(f"{path}: expected a mapping at the top level")
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        config = PipelineConfig.model_validate(raw)
+        config.train_configs()  # every model section must make a valid TrainConfig
+        config.tiling.build()
+    except ValidationError as e:
+        problems = "\n".join(f"  - {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise PipelineConfigError(f"{path} has {len(e.errors())} problem(s):\n{problems}") from None
+    except ValueError as e:
+        raise PipelineConfigError(f"{path}: {e}") from None
+    return config.resolved(path.resolve().parent)

@@ -1,0 +1,94 @@
+"""`fusion pipeline CONFIG.yaml`: stages that redo only what is stale.
+
+The run starts from the shared tiled and featurised tiny cohort with one slide held back; adding
+that slide back must start tiling and extraction tasks for it alone (read from the ledger) and
+retrain, and a rerun with nothing changed must start no slide task and train nothing.
+"""
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import yaml
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.pipeline import pipeline_from_config
+from fusion.pipeline_config import PipelineConfigError, load_pipeline_config
+from fusion.storage import Ledger
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _copy_run(tiny_cohort, tiny_run, tmp_path):
+    cohort, run = tmp_path / "cohort", tmp_path / "run"
+    shutil.copytree(tiny_cohort, cohort)
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("models", "ledger.jsonl", "stages"))
+    (run / "run.json").write_text(json.dumps({"cohort": str(cohort.resolve())}))
+    return cohort, run
+
+
+def _write_config(tmp_path, **extra) -> object:
+    config = {"cohort": "cohort", "run": "run", "models": [{"model": "abmil", "folds": 3, "epochs": 4, "patience": 2}],
+              "analysis": {"enabled": False}, "report": {"enabled": False}, **extra}
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _slide_steps(ledger: Ledger, since: int) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for e in ledger.entries()[since:]:
+        if e["step"] in ("tile", "extract", "train"):
+            out.setdefault(e["step"], []).append(f"{e['item']}:{e['status']}")
+    return out
+
+
+def test_add_one_slide_reruns_only_that_slide(tiny_cohort, tiny_run, tmp_path, prefect_server):
+    cohort, run = _copy_run(tiny_cohort, tiny_run, tmp_path)
+    slides = pd.read_csv(cohort / "slides.csv")
+    held = slides.iloc[-1]
+    slides.iloc[:-1].to_csv(cohort / "slides.csv", index=False)
+    for path in [*run.glob(f"tiles/{held.slide_id}.*"), *run.glob(f"features/*/{held.slide_id}.h5")]:
+        path.unlink()
+    config = load_pipeline_config(_write_config(tmp_path))
+    ledger = Ledger(run / "ledger.jsonl")
+
+    first = pipeline_from_config(config)  # tiles and features come from the shared run: only training
+    assert _slide_steps(ledger, 0) == {"train": ["abmil:done"]}
+    assert first["slides_skipped"] == {"tile": len(slides) - 1, "extract": len(slides) - 1}
+
+    slides.to_csv(cohort / "slides.csv", index=False)  # the slide lands
+    n = len(ledger.entries())
+    second = pipeline_from_config(config)
+    sid = held.slide_id
+    assert _slide_steps(ledger, n) == {"tile": [f"{sid}:done"], "extract": [f"{sid}:done"], "train": ["abmil:done"]}
+    assert second["slides_done"] == {"tile": 1, "extract": 1} and second["models"][0]["retrained"]
+
+    n = len(ledger.entries())
+    third = pipeline_from_config(config)  # nothing changed: no slide task, no training
+    assert _slide_steps(ledger, n) == {"train": ["abmil:skipped"]}
+    assert not third["models"][0]["retrained"]
+    assert third["evaluation"]["c_index_mean"] == second["evaluation"]["c_index_mean"]
+    stages = [e for e in ledger.entries()[n:] if e["step"] == "stage"]
+    assert [(e["item"], e["todo"]) for e in stages] == [("tile", []), ("extract", [])]
+
+
+def test_config_errors_name_every_problem(tmp_path):
+    path = _write_config(tmp_path, workers=0, models=[{"model": "nope"}], tiling={"patch_size": "big"})
+    with pytest.raises(PipelineConfigError) as e:
+        load_pipeline_config(path)
+    assert "workers" in str(e.value) and "patch_size" in str(e.value)
+    path = _write_config(tmp_path, models=[{"model": "nope"}])
+    with pytest.raises(PipelineConfigError, match="Unknown model 'nope'"):
+        load_pipeline_config(path)
+
+
+def test_relative_paths_follow_the_config_file(tmp_path):
+    config = load_pipeline_config(_write_config(tmp_path))
+    assert config.cohort == (tmp_path / "cohort").resolve() and config.run == (tmp_path / "run").resolve()
+    assert config.train_configs()[0].folds == 3 and config.train_configs()[0].encoder == "morph"
