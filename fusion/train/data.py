@@ -3,6 +3,8 @@ data, batched with padding and masks."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,6 +50,21 @@ class Bags:
     @property
     def has_tiles(self) -> np.ndarray:
         return np.array([len(f) > 0 for f in self.features])
+
+    def fingerprint(self) -> str:
+        """Content hash of everything training reads: ids, outcomes, labels, every tile feature and
+        the raw genomics and clinical tables. Two Bags with the same fingerprint train identically."""
+        h = hashlib.sha256()
+        for part in (self.ids, self.gene_names, self.classes, self.clinical_types):
+            h.update(json.dumps(part, sort_keys=True).encode())
+        for arr in (self.time, self.event, self.label, self.genomics, *self.features):
+            if arr is not None:
+                a = np.ascontiguousarray(arr)
+                h.update(f"{a.dtype}{a.shape}".encode())
+                h.update(a.tobytes())
+        if self.clinical is not None:
+            h.update(self.clinical.to_csv(index=False).encode())
+        return h.hexdigest()[:16]
 
 
 def load_bags(layout: RunLayout, cohort: Cohort, encoder: str, tile_set: str = "",

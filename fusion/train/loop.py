@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +27,7 @@ from fusion.survival import (
     nll_survival_loss,
     weighted_cox_loss,
 )
-from fusion.train.checkpoint import save_checkpoint
+from fusion.train.checkpoint import CONFIG, WEIGHTS, save_checkpoint
 from fusion.train.data import Bags, Preprocessor, collate, feature_moments, tabular_batch
 from fusion.train.splits import cv_folds, inner_split
 
@@ -259,6 +261,85 @@ def risk_cutoffs(train_risk: np.ndarray) -> dict:
             "percentiles": [float(q) for q in np.percentile(train_risk, np.arange(101))]}
 
 
+def finished_fold(fold_dir: Path, fold_hash: str) -> tuple[dict, pd.DataFrame] | None:
+    """(metrics, predictions) of a fold finished with the same inputs, else None.
+
+    Every file is written atomically and `metrics.json` last, so a fold killed mid-way has no
+    `metrics.json` with this hash (or an old one with another hash) and is trained again; the
+    weights must also still match the sha256 in `config.json`.
+    """
+    try:
+        metrics = json.loads((fold_dir / "metrics.json").read_text())
+        config = json.loads((fold_dir / CONFIG).read_text())
+        if metrics.get("inputs_hash") != fold_hash or config.get("inputs_hash") != fold_hash:
+            return None
+        if hashlib.sha256((fold_dir / WEIGHTS).read_bytes()).hexdigest() != config.get("weights_sha256"):
+            return None
+        return metrics, pd.read_parquet(fold_dir / "predictions.parquet")
+    except (OSError, ValueError):
+        return None
+
+
+def _train_fold(bags: Bags, config: TrainConfig, k: int, train_idx: np.ndarray, test_idx: np.ndarray,
+                fold_dir: Path, horizons: list[float], device: torch.device, on_epoch, hashes: dict
+                ) -> tuple[dict, pd.DataFrame]:
+    """Train fold `k` and write its checkpoint, predictions and (last) metrics; returns (metrics, predictions)."""
+    classify = config.task == "classification"
+    metric = "auc" if classify else "c_index"
+    # Scaling, imputation and gene selection are fitted on the training fold only.
+    prep = Preprocessor(config.max_genes).fit(bags.subset(train_idx))
+    fold_bags = dataclasses.replace(bags, tab=prep.transform(bags))  # the caller's bags stay untouched
+    train, test = fold_bags.subset(train_idx), fold_bags.subset(test_idx)
+    fit_idx, val_idx = inner_split(train.label if classify else train.event, config.val_fraction, config.seed + k)
+    edges, baseline = None, None
+    if config.discrete:  # bins at the quantiles of the training fold's event times (MCAT)
+        edges = discrete_time_bins(torch.as_tensor(train.time), torch.as_tensor(train.event), config.n_bins)
+    model, history = fit(train.subset(fit_idx), train.subset(val_idx), config, seed=config.seed * 1000 + k,
+                         on_epoch=(lambda e, r, k=k: on_epoch(k, e, r)) if on_epoch else None, prep=prep,
+                         edges=edges)
+    out = predict_risk(model, test, device, hazards=edges is not None)
+    preds = pd.DataFrame({"patient_id": test.ids, "fold": k, "time": test.time, "event": test.event.astype(int)})
+    if classify:
+        score = auc(test.label, out)
+        preds["label"] = [bags.classes[i] for i in test.label]
+        for c, name in enumerate(bags.classes):
+            preds[f"prob_{name}"] = out[:, c]
+        preds["predicted"] = [bags.classes[i] for i in out.argmax(1)]
+    elif edges is not None:
+        preds["risk"] = hazard_risk(out)
+        train_risk = hazard_risk(predict_risk(model, train, device, hazards=True))
+        score = concordance(test.time, test.event, preds["risk"].to_numpy())
+        curves = discrete_curves(out, edges.numpy(), horizons)
+        for j, h in enumerate(horizons):
+            preds[f"surv_{h:g}"] = curves[:, j]
+    else:
+        score = concordance(test.time, test.event, out)
+        preds["risk"] = out
+        train_risk = predict_risk(model, train, device)
+        baseline = baseline_survival(train_risk, train)
+        curves = survival_at(baseline, out, horizons)
+        for j, h in enumerate(horizons):
+            preds[f"surv_{h:g}"] = curves[:, j]
+    save_checkpoint(model.cpu(), config.model, model_kwargs(config, bags, prep),
+                    fold_dir, extra={"train_config": asdict(config), **hashes, "fold": k,
+                                     "encoder": config.encoder, "preprocessor": prep.state(),
+                                     "classes": bags.classes, "horizons": horizons,
+                                     "bin_edges": None if edges is None else edges[1:-1].tolist(),
+                                     "baseline_survival": baseline})
+    model.to(device)
+    val_key = "val_auc" if classify else "val_c_index"
+    metrics = {"fold": k, metric: score, "n_test": len(test), "n_test_events": int(test.event.sum()),
+               "n_train": len(fit_idx), "n_val": len(val_idx),
+               "best_epoch": int(np.argmax([np.nan_to_num(h[val_key], nan=0.5) for h in history])),
+               "history": history, "inputs_hash": hashes["inputs_hash"]}
+    if not classify:
+        metrics["train_risk_cutoffs"] = risk_cutoffs(train_risk)
+    with atomic_path(fold_dir / "predictions.parquet") as tmp:
+        preds.to_parquet(tmp, index=False)
+    write_json(fold_dir / "metrics.json", metrics)  # last: its inputs hash marks the fold as finished
+    return metrics, preds
+
+
 def cross_validate(bags: Bags, config: TrainConfig, out_dir: str | Path,
                    on_epoch: Callable[[int, int, dict], None] | None = None) -> dict:
     """Patient-level k-fold CV; per fold writes model, config, metrics and predictions.
@@ -267,6 +348,9 @@ def cross_validate(bags: Bags, config: TrainConfig, out_dir: str | Path,
     the quartiles of the event times (Breslow baseline of the training fold). Classification:
     folds stratified by label; predictions hold every class probability. Returns the CV summary
     (also written to `out_dir/cv_metrics.json`).
+
+    Resumable at fold level: a fold whose artifacts were made from the same config and data (the
+    `inputs_hash` stored in its `metrics.json` and `config.json`) is read back, not trained again.
     """
     out_dir = Path(out_dir)
     device = pick_device(config.device)
@@ -281,62 +365,19 @@ def cross_validate(bags: Bags, config: TrainConfig, out_dir: str | Path,
     horizons = survival_horizons(bags)
     fold_metrics, all_preds = [], []
     config_hash = hash_config(asdict(config))
+    data_hash = bags.fingerprint()
     metric = "auc" if classify else "c_index"
     for k, (train_idx, test_idx) in enumerate(folds):
-        # Scaling, imputation and gene selection are fitted on the training fold only.
-        prep = Preprocessor(config.max_genes).fit(bags.subset(train_idx))
-        fold_bags = dataclasses.replace(bags, tab=prep.transform(bags))  # the caller's bags stay untouched
-        train, test = fold_bags.subset(train_idx), fold_bags.subset(test_idx)
-        fit_idx, val_idx = inner_split(train.label if classify else train.event, config.val_fraction, config.seed + k)
-        edges, baseline = None, None
-        if config.discrete:  # bins at the quantiles of the training fold's event times (MCAT)
-            edges = discrete_time_bins(torch.as_tensor(train.time), torch.as_tensor(train.event), config.n_bins)
-        model, history = fit(train.subset(fit_idx), train.subset(val_idx), config, seed=config.seed * 1000 + k,
-                             on_epoch=(lambda e, r, k=k: on_epoch(k, e, r)) if on_epoch else None, prep=prep,
-                             edges=edges)
-        out = predict_risk(model, test, device, hazards=edges is not None)
-        preds = pd.DataFrame({"patient_id": test.ids, "fold": k, "time": test.time, "event": test.event.astype(int)})
-        if classify:
-            score = auc(test.label, out)
-            preds["label"] = [bags.classes[i] for i in test.label]
-            for c, name in enumerate(bags.classes):
-                preds[f"prob_{name}"] = out[:, c]
-            preds["predicted"] = [bags.classes[i] for i in out.argmax(1)]
-        elif edges is not None:
-            preds["risk"] = hazard_risk(out)
-            train_risk = hazard_risk(predict_risk(model, train, device, hazards=True))
-            score = concordance(test.time, test.event, preds["risk"].to_numpy())
-            curves = discrete_curves(out, edges.numpy(), horizons)
-            for j, h in enumerate(horizons):
-                preds[f"surv_{h:g}"] = curves[:, j]
-        else:
-            score = concordance(test.time, test.event, out)
-            preds["risk"] = out
-            train_risk = predict_risk(model, train, device)
-            baseline = baseline_survival(train_risk, train)
-            curves = survival_at(baseline, out, horizons)
-            for j, h in enumerate(horizons):
-                preds[f"surv_{h:g}"] = curves[:, j]
         fold_dir = out_dir / f"fold-{k}"
-        save_checkpoint(model.cpu(), config.model, model_kwargs(config, bags, prep),
-                        fold_dir, extra={"train_config": asdict(config), "config_hash": config_hash,
-                                         "fold": k, "encoder": config.encoder, "preprocessor": prep.state(),
-                                         "classes": bags.classes, "horizons": horizons,
-                                         "bin_edges": None if edges is None else edges[1:-1].tolist(),
-                                         "baseline_survival": baseline})
-        model.to(device)
-        val_key = "val_auc" if classify else "val_c_index"
-        metrics = {"fold": k, metric: score, "n_test": len(test), "n_test_events": int(test.event.sum()),
-                   "n_train": len(fit_idx), "n_val": len(val_idx),
-                   "best_epoch": int(np.argmax([np.nan_to_num(h[val_key], nan=0.5) for h in history])),
-                   "history": history}
-        if not classify:
-            metrics["train_risk_cutoffs"] = risk_cutoffs(train_risk)
-        write_json(fold_dir / "metrics.json", metrics)
-        with atomic_path(fold_dir / "predictions.parquet") as tmp:
-            preds.to_parquet(tmp, index=False)
-        fold_metrics.append(metrics)
-        all_preds.append(preds)
+        # What this fold's artifacts are a function of: a finished fold with the same hash is reused.
+        fold_hash = hash_config({"config": config_hash, "data": data_hash, "fold": k,
+                                 "test": [bags.ids[i] for i in test_idx]})
+        finished = finished_fold(fold_dir, fold_hash)
+        if finished is None:
+            finished = _train_fold(bags, config, k, train_idx, test_idx, fold_dir, horizons, device, on_epoch,
+                                   {"config_hash": config_hash, "inputs_hash": fold_hash})
+        fold_metrics.append(finished[0])
+        all_preds.append(finished[1])
 
     scores = np.array([m[metric] for m in fold_metrics], float)
     summary = {"model": config.model, "task": config.task, "encoder": config.encoder, "folds": config.folds,
