@@ -1,4 +1,9 @@
-"""Prefect flows: thin wrappers that call `fusion` stages and add orchestration."""
+"""Prefect flows: thin wrappers that call `fusion` stages and add orchestration.
+
+Modules that define flows or tasks do not use `from __future__ import annotations`: Prefect
+validates parameters from the annotations, and in a deployment's process string annotations such
+as "TilingConfig" may not resolve.
+"""
 
 import os
 

@@ -5,8 +5,6 @@ On a CUDA device every extraction task holds a slot of the global concurrency li
 workers than GPUs never puts more models on a device than it holds.
 """
 
-from __future__ import annotations
-
 import contextlib
 import functools
 

@@ -11,8 +11,6 @@ redoes what depends on the models; a rerun with nothing changed starts no slide 
 flavour (one model, no analysis or reports). Both write RUN/summary.json and a Markdown artifact.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 
 from prefect import flow

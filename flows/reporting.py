@@ -1,8 +1,6 @@
 """The analysis and report stages: thin tasks over `fusion.report`, skipped when their inputs
 (the models' predictions, the patient tables and the options) are what the last run used."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -45,15 +43,17 @@ def report_task(run: str, model: str, patient_ids: list[str] | None = None) -> l
 
     layout, cohort = open_run(run)
     genomics = None if cohort.genomics is None else table_hash(cohort.genomics)
+    analysis = layout.analysis / "metrics.json"  # reports quote the cohort analysis when there is one
     inputs_hash = hash_config({"predictions": _predictions_hash(layout, [model]), "genomics": genomics,
-                               "patients": table_hash(cohort.patients), "patient_ids": patient_ids})
+                               "patients": table_hash(cohort.patients), "patient_ids": patient_ids,
+                               "analysis": file_fingerprint(analysis) if analysis.exists() else None})
     stage = f"report-{model}"
     if stage_is_current(layout, stage, inputs_hash):
         wanted = None if patient_ids is None else set(patient_ids)
         reports = sorted(str(p) for p in (layout.root / "reports").glob("*.html") if wanted is None or p.stem in wanted)
         layout.ledger.record("report", model, "skipped", inputs_hash=inputs_hash)
         return reports
-    paths = [str(p) for p in write_reports(layout, cohort, model, patient_ids)]
+    paths = [str(p) for p in write_reports(layout, cohort, model, patient_ids) if p.suffix == ".html"]
     mark_stage(layout, stage, inputs_hash, reports=len(paths))
     layout.ledger.record("report", model, "done", inputs_hash=inputs_hash, outputs=paths)
     return paths

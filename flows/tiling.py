@@ -7,8 +7,6 @@ again, so any entry point (CLI, flow, notebook) is safe. A bad slide fails its o
 flow finishes and returns every slide's status.
 """
 
-from __future__ import annotations
-
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed

@@ -1,8 +1,6 @@
 """Training and evaluation as a Prefect flow: one task per model, each skipped when the model
 folder records the same training inputs (features, patient tables, config)."""
 
-from __future__ import annotations
-
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 

@@ -94,6 +94,10 @@ def tile(
     workers: Annotated[int, typer.Option(help="Slides tiled at once.")] = 2,
     local: Annotated[bool, typer.Option(help="Run in this process without Prefect.")] = False,
     strict: Annotated[bool, typer.Option(help="Exit non-zero when any slide fails.")] = False,
+    dask_address: Annotated[str | None, typer.Option(help="Run the per-slide tasks on this Dask scheduler "
+                                                     "(tcp://host:8786).")] = None,
+    dask_workers: Annotated[int | None, typer.Option(help="Run the per-slide tasks on a local Dask cluster "
+                                                     "of this many processes.")] = None,
 ) -> None:
     """Find tissue and cut each slide into a tile grid (coords .h5 + QC picture per slide).
 
@@ -111,12 +115,13 @@ def tile(
         if local:
             results = _tile_locally(cohort, out, config, mpp, tile_set)
         else:
-            from prefect.task_runners import ThreadPoolTaskRunner
-
+            from flows.progress import show_progress
+            from flows.runners import dask_cluster, slide_task_runner
             from flows.tiling import tile_cohort
 
-            flow = tile_cohort.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
-            results = flow(str(cohort), str(out), config, mpp, tile_set)
+            with dask_cluster(dask_workers, dask_address) as address, show_progress(console):
+                flow = tile_cohort.with_options(task_runner=slide_task_runner(workers, address))
+                results = flow(str(cohort), str(out), config, mpp, tile_set)
     except (FusionError, ValueError) as e:
         _fail(e)
     _report(results, "tiles", strict)
@@ -343,6 +348,76 @@ def compare(run: Annotated[Path, typer.Argument(help="Run folder with trained mo
     console.print(f"written to {layout.analysis / 'comparison.csv'}")
 
 
+@app.command()
+def analyze(
+    run: Annotated[Path, typer.Argument(help="Run folder with trained models.")],
+    model: Annotated[list[str] | None, typer.Option(help="Only these models (repeatable); default: all.")] = None,
+    groups: Annotated[str, typer.Option(help="Risk groups: median or tertiles (cut on the training folds).")]
+    = "median",
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+) -> None:
+    """Cohort statistics of every model and baseline: C-indices with CIs, td-AUC, IBS, calibration,
+    Kaplan-Meier by risk group, Cox hazard ratios; writes RUN/analysis/ and its HTML report."""
+    from fusion.report.analysis import analyze_run
+    from fusion.run import open_run
+
+    try:
+        layout, c = open_run(run)
+        result = analyze_run(layout, c, model or None, groups, bootstrap, seed)
+    except (FusionError, ValueError, FileNotFoundError) as e:
+        _fail(e)
+    table = Table("model", "Harrell's C [95% CI]", "Uno's C [95% CI]", "td-AUC", "IBS", "log-rank p", "HR high/low")
+    for r in result["summary"]:
+        if r["task"] != "survival":
+            continue
+        hr = "" if r.get("hr_high") is None else f"{r['hr_high']:.2f} [{r['hr_low_ci']:.2f}, {r['hr_high_ci']:.2f}]"
+        table.add_row(r["model"], f"{r['harrell_c']:.3f} [{r['harrell_c_low']:.3f}, {r['harrell_c_high']:.3f}]",
+                      f"{r['uno_c']:.3f} [{r['uno_c_low']:.3f}, {r['uno_c_high']:.3f}]",
+                      _num(r.get("td_auc_mean")), _num(r.get("ibs")), _num(r["logrank_p"], "{:.2g}"), hr)
+    console.print(table)
+    for r in result["summary"]:
+        if r["task"] == "classification":
+            console.print(f"{r['model']}: AUC {r['auc']:.3f} [{r['auc_low']:.3f}, {r['auc_high']:.3f}], "
+                          f"balanced accuracy {r['balanced_accuracy']:.3f}, F1 {r['f1']:.3f}")
+    console.print(f"cohort report: {result['report']}")
+
+
+def _num(value, fmt: str = "{:.3f}") -> str:
+    return "" if value is None or value != value else fmt.format(value)
+
+
+@app.command()
+def report(
+    run: Annotated[Path, typer.Argument(help="Run folder holding the patients (features extracted).")],
+    model: Annotated[str, typer.Option(help="Survival model of this run, or a model folder of another run.")]
+    = "biofusion",
+    patient: Annotated[list[str] | None, typer.Option(help="Patient id (repeatable).")] = None,
+    all_patients: Annotated[bool, typer.Option("--all", help="A report for every patient of the cohort.")] = False,
+    pdf: Annotated[bool, typer.Option(help="Also print each report to PDF (headless Chromium).")] = True,
+    groups: Annotated[str, typer.Option(help="Risk groups: median or tertiles.")] = "median",
+    out: Annotated[Path | None, typer.Option(help="Output folder (default RUN/reports).")] = None,
+) -> None:
+    """Clinician reports: one self-contained HTML page (+ PDF) per patient."""
+    from fusion.report.patient import write_reports
+    from fusion.run import open_run
+
+    if not patient and not all_patients:
+        _fail(ValueError("name patients with --patient ID (repeatable) or use --all"))
+    try:
+        layout, c = open_run(run)
+        ids = None if all_patients else list(patient)
+        with _progress() as bar:
+            job = bar.add_task("reports", total=len(c.patients) if ids is None else len(ids))
+            written = write_reports(layout, c, model, ids, out, pdf=pdf, groups=groups,
+                                    on_report=lambda _: bar.advance(job))
+    except (FusionError, ValueError, FileNotFoundError) as e:
+        _fail(e)
+    html = [p for p in written if p.suffix == ".html"]
+    console.print(f"{len(html)} report(s) -> {html[0].parent if html else out}"
+                  + (f" (+ {len(written) - len(html)} PDF)" if pdf else ""))
+
+
 @app.command("run")
 def run_pipeline(
     cohort: Annotated[Path, typer.Argument(help="Cohort folder.")],
@@ -355,16 +430,28 @@ def run_pipeline(
     patch_size: Annotated[int, typer.Option(help="Tile size in pixels.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     strict: Annotated[bool, typer.Option(help="Exit non-zero when any slide fails.")] = False,
+    workers: Annotated[int, typer.Option(help="Slides processed at once (threads).")] = 2,
+    dask_address: Annotated[str | None, typer.Option(help="Run the per-slide tasks on this Dask scheduler "
+                                                     "(tcp://host:8786).")] = None,
+    dask_workers: Annotated[int | None, typer.Option(help="Run the per-slide tasks on a local Dask cluster "
+                                                     "of this many processes.")] = None,
 ) -> None:
-    """Run every stage as one Prefect flow (embedded local server unless PREFECT_API_URL is set)."""
+    """Run every stage as one Prefect flow (embedded local server unless PREFECT_API_URL is set).
+
+    For several models, the cohort analysis and patient reports, use `fusion pipeline CONFIG.yaml`.
+    """
     from flows.pipeline import pipeline
+    from flows.progress import show_progress
+    from flows.runners import dask_cluster
     from fusion.train.loop import TrainConfig
     from fusion.wsi import TilingConfig
 
     try:
-        summary = pipeline(str(cohort), str(out),
-                           tiling=TilingConfig(target_mpp=target_mpp, patch_size=patch_size),
-                           train=TrainConfig(model=model, encoder=encoder, folds=folds, epochs=epochs, seed=seed))
+        with dask_cluster(dask_workers, dask_address) as address, show_progress(console):
+            summary = pipeline(str(cohort), str(out),
+                               tiling=TilingConfig(target_mpp=target_mpp, patch_size=patch_size),
+                               train=TrainConfig(model=model, encoder=encoder, folds=folds, epochs=epochs, seed=seed),
+                               workers=workers, dask_address=address)
     except (FusionError, ValueError) as e:
         _fail(e)
     ev = summary["evaluation"]
@@ -378,6 +465,89 @@ def run_pipeline(
                       "  (true risk, same folds)")
     if strict and summary["failed"]:
         raise typer.Exit(1)
+
+
+@app.command("pipeline")
+def pipeline_cmd(
+    config: Annotated[Path, typer.Argument(help="Pipeline config (YAML); see configs/demo.yaml.")],
+    dask_address: Annotated[str | None, typer.Option(help="Run the per-slide tasks on this Dask scheduler "
+                                                     "(tcp://host:8786); overrides the config.")] = None,
+    dask_workers: Annotated[int | None, typer.Option(help="Run the per-slide tasks on a local Dask cluster "
+                                                     "of this many processes; overrides the config.")] = None,
+    strict: Annotated[bool, typer.Option(help="Exit non-zero when any slide fails.")] = False,
+) -> None:
+    """Every stage of CONFIG as one Prefect flow: tile, extract, train, analyze, report.
+
+    Each stage redoes only what is stale (hashes of its inputs and parameters are stored beside
+    its outputs): after one slide is added, that slide is tiled and encoded and the models retrain;
+    with nothing changed, nothing is recomputed.
+    """
+    from flows.pipeline import pipeline_from_config
+    from flows.progress import show_progress
+    from fusion.pipeline_config import load_pipeline_config
+
+    try:
+        cfg = load_pipeline_config(config, dask_address=dask_address, dask_workers=dask_workers)
+        with show_progress(console):
+            summary = pipeline_from_config(cfg)
+    except (FusionError, ValueError) as e:
+        _fail(e)
+    _print_summary(summary)
+    if (strict or cfg.strict) and summary["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    config: Annotated[Path, typer.Argument(help="Pipeline config with a `serve:` section (inbox, workdir, model).")],
+    cron: Annotated[str, typer.Option(help="When to score, as a cron expression (server time zone: UTC).")]
+    = "0 2 * * *",
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "nightly-scoring",
+    once: Annotated[bool, typer.Option(help="Score the inbox now, once, without serving a deployment.")] = False,
+) -> None:
+    """Serve a Prefect deployment that scores new patients dropped into the inbox on a schedule.
+
+    Each run takes the inbox's new slides and patient rows into SERVE.workdir/cohort, tiles and
+    encodes them, scores them with the trained model's fold ensemble (predictions in
+    SERVE.workdir/run/predictions/<model>.parquet), writes their reports and empties the inbox of
+    them. Schedules need a Prefect server (`prefect server start`, PREFECT_API_URL set); the
+    process serves until stopped with Ctrl-C. `--once` runs one scoring now, on any Prefect setup.
+    """
+    from flows.scoring import score_inbox, serve_scoring
+
+    try:
+        if once:
+            result = score_inbox(str(config.resolve()))
+            console.print(f"{len(result['patients'])} patient(s) scored"
+                          + (f" into {result['predictions']}" if result["patients"] else ""))
+            return
+        console.print(f"serving deployment [bold]fusion-score-inbox/{name}[/] on cron '{cron}' (Ctrl-C stops)")
+        serve_scoring(config, cron, name)
+    except (FusionError, ValueError) as e:
+        _fail(e)
+
+
+def _print_summary(summary: dict) -> None:
+    done, skipped = summary["slides_done"], summary["slides_skipped"]
+    console.print(f"\nrun folder: [bold]{summary['run']}[/]  ({summary['slides']} slides, {summary['tiles']} tiles; "
+                  f"tiled now {done['tile']}, encoded now {done['extract']}, "
+                  f"up to date {skipped['tile']}/{skipped['extract']})")
+    if summary["failed"]:
+        console.print(f"[yellow]{len(summary['failed'])} slide(s) failed[/]: "
+                      + ", ".join(f["slide_id"] for f in summary["failed"]) + " (see RUN/ledger.jsonl)")
+    table = Table("model", "retrained", "score (mean ± sd over folds)", "oracle")
+    for m in summary["models"]:
+        ev = m["evaluation"]
+        metric = "auc" if ev.get("task") == "classification" else "c_index"
+        oracle = ev.get("oracle_c_index_mean")
+        table.add_row(m["model"], "yes" if m["retrained"] else "no (unchanged)",
+                      f"{metric} {ev[f'{metric}_mean']:.3f} ± {ev[f'{metric}_sd']:.3f}",
+                      "" if oracle is None else f"{oracle:.3f}")
+    console.print(table)
+    if summary.get("analysis"):
+        console.print(f"cohort analysis: {summary['analysis']}")
+    if summary.get("reports"):
+        console.print(f"{len(summary['reports'])} patient report(s) in {Path(summary['reports'][0]).parent}")
 
 
 @app.command()

@@ -1,0 +1,111 @@
+"""Scheduled scoring (`fusion serve CONFIG.yaml --cron ...`): new patients in the inbox are tiled,
+encoded and scored with the trained model's fold ensemble; their reports are written.
+
+The flow takes the config file's path, not its contents, so a deployment served for months reads
+the file as it is on the night it runs. Every step is idempotent (see `fusion.scoring`): a night
+that crashed is finished by the next one, and a patient is never scored twice.
+"""
+
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.extraction import extract_cohort
+from flows.runners import dask_cluster, slide_task_runner
+from flows.tiling import tile_cohort
+from fusion.pipeline_config import PipelineConfigError, load_pipeline_config
+from fusion.run import init_run, open_run
+from fusion.scoring import intake_inbox, merge_predictions, model_encoder, subset_cohort, unscored
+
+DEPLOYMENT = "nightly-scoring"
+
+
+@task(name="intake", cache_policy=NO_CACHE)
+def intake_task(inbox: str, cohort_dir: str, template: str) -> list[str]:
+    return intake_inbox(inbox, cohort_dir, template)
+
+
+@task(name="score", cache_policy=NO_CACHE)
+def score_task(run: str, model_dir: str, patient_ids: list[str], batch: str) -> dict:
+    from fusion.train.predict import predict_patients
+
+    layout, cohort = open_run(run)
+    scores = predict_patients(model_dir, layout, subset_cohort(cohort, patient_ids))
+    path = merge_predictions(layout, Path(model_dir).name, scores, batch)
+    layout.ledger.record("score", batch, "done", outputs=[str(path)], patients=list(scores.patient_id))
+    return {"predictions": str(path), "scores": scores.to_dict("records")}
+
+
+@task(name="report-new", cache_policy=NO_CACHE)
+def report_new_task(run: str, model_dir: str, patient_ids: list[str]) -> list[str]:
+    from fusion.report.patient import write_reports
+
+    layout, cohort = open_run(run)
+    return [str(p) for p in write_reports(layout, cohort, model_dir, patient_ids) if p.suffix == ".html"]
+
+
+@flow(name="fusion-score-inbox", log_prints=True)
+def score_inbox(config_path: str) -> dict:
+    """Take the inbox's new patients into the scoring cohort, score every unscored patient, write reports."""
+    config = load_pipeline_config(config_path)
+    if config.serve is None:
+        raise PipelineConfigError(f"{config_path} has no `serve:` section (inbox, workdir, model)")
+    serve = config.serve
+    model_dir = config.run / "models" / (serve.model or config.models[0].folder)
+    if not (model_dir / "fold-0" / "config.json").exists():
+        raise PipelineConfigError(f"no trained model in {model_dir}; run `fusion pipeline {config_path}` first")
+    encoder, tile_set = model_encoder(model_dir)
+    cohort_dir, run_dir = serve.workdir / "cohort", serve.workdir / "run"
+    batch = time.strftime("%Y%m%dT%H%M%S")
+
+    arrived = intake_task(str(serve.inbox), str(cohort_dir), str(config.cohort))
+    if not (cohort_dir / "cohort.yaml").exists():
+        print("inbox empty and nothing scored yet")
+        return {"batch": batch, "patients": [], "reports": []}
+    run = str(init_run(run_dir, cohort_dir).root)
+    layout, cohort = open_run(run)
+    todo = unscored(layout, cohort, model_dir.name)
+    if not todo:
+        print(f"no new patient in {serve.inbox}")
+        return {"batch": batch, "patients": [], "reports": []}
+    slides = [str(s) for s in cohort.slides[cohort.slides.patient_id.isin(todo)].slide_id]
+    with dask_cluster(config.dask_workers, config.dask_address) as address:
+        runner = slide_task_runner(config.workers, address)
+        tiled = tile_cohort.with_options(task_runner=runner)(str(cohort_dir), run, config.tiling.build(),
+                                                             config.tiling.mpp, tile_set)
+        ok = [r["slide_id"] for r in tiled if r["status"] != "failed" and r["slide_id"] in slides]
+        extract_cohort.with_options(task_runner=runner)(run, [encoder], config.extract.build(), tile_set,
+                                                        slides=ok, gpu_slots=config.extract.gpu_slots)
+    scored = score_task(run, str(model_dir), todo, batch)
+    reports = report_new_task(run, str(model_dir), todo) if serve.reports else []
+    result = {"batch": batch, "arrived": arrived, "patients": todo, "predictions": scored["predictions"],
+              "reports": reports, "failed": [r["slide_id"] for r in tiled if r["status"] == "failed"]}
+    create_markdown_artifact(key="fusion-scoring", markdown=_markdown(result, scored["scores"]),
+                             description=f"fusion scoring batch {batch}")
+    get_run_logger().info("scored %d patient(s) into %s", len(todo), scored["predictions"])
+    return result
+
+
+def _markdown(result: dict, scores: list[dict]) -> str:
+    reports = {Path(p).stem: Path(p).resolve().as_uri() for p in result["reports"]}
+    value = "risk" if scores and "risk" in scores[0] else "predicted"
+    lines = [f"Batch {result['batch']}: {len(scores)} patient(s) scored into `{result['predictions']}`", "",
+             f"| patient | {value} | report |", "|---|---|---|"]
+    for s in scores:
+        pid = s["patient_id"]
+        shown = f"{s[value]:.3f}" if isinstance(s[value], float) else s[value]
+        lines.append(f"| {pid} | {shown} | {f'[report]({reports[pid]})' if pid in reports else ''} |")
+    if result["failed"]:
+        lines += ["", "Failed slides: " + ", ".join(f"`{s}`" for s in result["failed"])]
+    return "\n".join(lines)
+
+
+def serve_scoring(config_path: str | Path, cron: str, name: str = DEPLOYMENT) -> None:
+    """Serve the scoring flow as a deployment on `cron` until interrupted (needs a Prefect server)."""
+    config_path = str(Path(config_path).resolve())
+    load_pipeline_config(config_path)  # fail now, not at 2 a.m.
+    score_inbox.serve(name=name, cron=cron, parameters={"config_path": config_path},
+                      description=f"score new patients of the inbox named in {config_path}")

@@ -1,0 +1,134 @@
+"""`fusion serve`: a deployment served with a cron schedule against a real `prefect server`,
+triggered once; the inbox's patients are scored, leave the inbox, and are not scored twice."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from fusion.run import open_run
+from fusion.stages import train_stage
+from fusion.train.loop import TrainConfig
+
+PREFECT = str(Path(sys.executable).parent / "prefect")
+INBOX_PATIENTS = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _api(env: dict, path: str, body: dict | None = None):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(env["PREFECT_API_URL"] + path, data=data,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _wait(what: str, check, timeout: float, proc: subprocess.Popen | None = None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: process exited with {proc.returncode}")
+        try:
+            result = check()
+            if result:
+                return result
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _stop(proc: subprocess.Popen, sig=signal.SIGINT) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture()
+def prefect_server(tmp_path):
+    """`prefect server start` on a free port of 127.0.0.1, its database in tmp; yields the env to use."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    port = _free_port()
+    env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait("prefect server", lambda: _api(env, "/health"), 120, server)
+        yield env
+    finally:
+        _stop(server, signal.SIGTERM)
+        log.close()
+
+
+@pytest.fixture()
+def trained_setup(tiny_cohort, tiny_run, tmp_path) -> Path:
+    """A training run with a small abmil, an inbox holding 3 patients, and the config naming both."""
+    run = tmp_path / "train-run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("models", "ledger.jsonl"))
+    layout, cohort = open_run(run)
+    train_stage(layout, cohort, TrainConfig(folds=2, epochs=2, patience=2))
+
+    inbox = tmp_path / "inbox"
+    (inbox / "slides").mkdir(parents=True)
+    patients = pd.read_csv(tiny_cohort / "patients.csv", dtype={"patient_id": str}).head(INBOX_PATIENTS)
+    slides = pd.read_csv(tiny_cohort / "slides.csv", dtype={"patient_id": str, "slide_id": str})
+    slides = slides[slides.patient_id.isin(patients.patient_id)].copy()
+    for row in slides.itertuples():
+        shutil.copy(tiny_cohort / row.path, inbox / "slides" / Path(row.path).name)
+    slides["path"] = ["slides/" + Path(p).name for p in slides.path]
+    slides.to_csv(inbox / "slides.csv", index=False)
+    patients.to_csv(inbox / "patients.csv", index=False)
+    genomics = pd.read_csv(tiny_cohort / "genomics.csv", dtype={"patient_id": str})
+    genomics[genomics.patient_id.isin(patients.patient_id)].to_csv(inbox / "genomics.csv", index=False)
+
+    config = {"cohort": str(tiny_cohort), "run": str(run), "models": [{"model": "abmil", "folds": 2}],
+              "serve": {"inbox": "inbox", "workdir": "scoring", "model": "abmil", "reports": False}}
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_served_deployment_scores_the_inbox(prefect_server, trained_setup, tmp_path):
+    env = prefect_server
+    log = (tmp_path / "serve.log").open("w")
+    serve = subprocess.Popen([sys.executable, "-m", "fusion.cli", "serve", str(trained_setup), "--cron", "0 2 * * *"],
+                             env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deployment = _wait("the deployment", lambda: _api(env, "/deployments/filter", {}), 120, serve)[0]
+        assert deployment["name"] == "nightly-scoring"
+        assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 2 * * *"]
+
+        run = subprocess.run([PREFECT, "deployment", "run", "fusion-score-inbox/nightly-scoring", "--watch",
+                              "--watch-timeout", "300"], env=env, capture_output=True, text=True, timeout=330)
+        served = (tmp_path / "serve.log").read_text()[-3000:]
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:] + served
+    finally:
+        _stop(serve)
+        log.close()
+
+    scores = pd.read_parquet(tmp_path / "scoring" / "run" / "predictions" / "abmil.parquet")
+    assert len(scores) == INBOX_PATIENTS and scores.risk.notna().all() and (scores.folds == 2).all()
+    assert pd.read_csv(tmp_path / "inbox" / "patients.csv").empty  # taken out of the inbox
+    assert not list((tmp_path / "inbox" / "slides").iterdir())
+    assert len(pd.read_csv(tmp_path / "scoring" / "cohort" / "patients.csv")) == INBOX_PATIENTS
