@@ -1,13 +1,21 @@
 """Synthetic cohort: pyramidal H&E-like slides, gene expression, clinical data, survival outcomes.
 
-The generative story (every patient):
+The generative story (every patient). Each modality sees part of the risk that the others do not,
+so that a model reading all three can beat every single-modality model (the oracle is the ceiling):
   z_img  ~ N(0, 1)   hidden tumour aggressiveness, visible in the slide: more tumour and necrosis,
-                     fewer lymphocytes as z_img grows;
-  z_gene ~ N(0, 1)   a proliferation programme, visible in one gene pathway (corr. 0.3 with z_img);
-  clinical           age, grade (driven by z_img), stage (driven by both), ER status;
-  true risk  eta = 1.0 z_img + 0.7 z_gene + 0.25 (grade - 2) + 0.02 (age - 60)  (default weights)
-  survival   T ~ Weibull(shape 1.3, scale exp(-eta / 1.3) * T0); censoring C ~ U(0, c_max) capped at
-             follow-up, tuned so that events are a minority (~35 %) as in ER+ cohorts.
+                     fewer lymphocytes as z_img grows; the IMMUNE gene pathway echoes it weakly;
+  z_gene ~ N(0, 1)   a proliferation programme, visible in the PROLIF gene pathway only
+                     (corr. 0.2 with z_img), not in the slide;
+  clinical           age; grade, a coarse and noisy pathologist's reading of the tumour
+                     (1-3 from 0.5 z_img + 0.85 noise: corr. ~0.45 with z_img, as real grade is far
+                     from determined by morphology); stage, mostly extent (0.3 z_img + 0.3 z_gene +
+                     0.9 noise); ER status (no effect). Grade's reading noise and age carry risk of their
+                     own, seen only in the clinical table.
+  true risk  eta = 1.0 z_img + 1.0 z_gene + 0.4 (grade - 2) + 0.03 (age - 60)  (default weights)
+  survival   T ~ Weibull(shape 1.3, scale exp(-eta / 1.3) * T0); censoring C ~ U(6, 150) months,
+             so that events are a minority (~35 %) as in ER+ cohorts.
+With ideal readers of each modality (linear in the hidden states, large n) the C-index ceilings are
+about 0.71 clinical, 0.75 genomics, 0.75 image, 0.83 all three, 0.84 the true risk.
 
 Slides are tiled, JPEG-compressed, pyramidal TIFFs (4x downsample per level) with resolution tags,
 which openslide opens as `generic-tiff` with `openslide.mpp-x`. Level 0 is rendered in stripes and
@@ -66,7 +74,7 @@ class SynthConfig:
     blur_prob: float = 0.0  # chance that a slide has an out-of-focus band (a quarter of its width)
     debris: int = 6  # specks of dust/debris on the glass per slide
     # Weights of the true log-hazard: image state, genomic state, grade, age (per year).
-    risk_weights: tuple[float, float, float, float] = (1.0, 0.7, 0.25, 0.02)
+    risk_weights: tuple[float, float, float, float] = (1.0, 1.0, 0.4, 0.03)
 
 
 def synthesize_cohort(out: str | Path, config: SynthConfig = SynthConfig()) -> Path:
@@ -118,10 +126,12 @@ def synthesize_cohort(out: str | Path, config: SynthConfig = SynthConfig()) -> P
 def _patients(config: SynthConfig, rng: np.random.Generator):
     n = config.patients
     z_img = rng.standard_normal(n)
-    z_gene = 0.3 * z_img + np.sqrt(1 - 0.09) * rng.standard_normal(n)
+    z_gene = 0.2 * z_img + np.sqrt(1 - 0.04) * rng.standard_normal(n)
     age = np.clip(rng.normal(60, 10, n), 28, 90).round()
-    grade = np.digitize(0.8 * z_img + 0.6 * rng.standard_normal(n), [-0.6, 0.6]) + 1
-    stage_score = 0.5 * z_img + 0.4 * z_gene + 0.8 * rng.standard_normal(n)
+    # Grade is a coarse, noisy reading of the tumour (inter-observer variation, sampling): the noise
+    # part is risk that only the clinical table carries, and the slide is not a copy of the grade.
+    grade = np.digitize(0.5 * z_img + 0.85 * rng.standard_normal(n), [-0.6, 0.6]) + 1
+    stage_score = 0.3 * z_img + 0.3 * z_gene + 0.9 * rng.standard_normal(n)
     stage = np.array(["I", "II", "III"])[np.digitize(stage_score, [-0.5, 0.7])]
     er = np.where(rng.random(n) < 0.8, "positive", "negative")
     w_img, w_gene, w_grade, w_age = config.risk_weights
@@ -157,7 +167,7 @@ def _genomics(config: SynthConfig, states: dict, rng: np.random.Generator) -> pd
     n = len(states["ids"])
     factors = rng.standard_normal((n, len(PATHWAYS)))
     factors[:, 0] = states["z_gene"]  # PROLIF carries the genomic risk
-    factors[:, 1] = -0.6 * states["z_img"] + 0.8 * factors[:, 1]  # IMMUNE mirrors lymphocytes
+    factors[:, 1] = -0.4 * states["z_img"] + 0.9 * factors[:, 1]  # IMMUNE echoes lymphocytes, weakly
     cols, values = [], []
     for p, name in enumerate(PATHWAYS):
         for j in range(config.genes_per_pathway):
