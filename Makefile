@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	@test -f $(DEMO)/cohort/cohort.yaml || $(BIN)/fusion synth --out $(DEMO)/cohort --patients $(DEMO_PATIENTS)
-	$(BIN)/fusion run $(DEMO)/cohort --out $(DEMO)/run
+	$(BIN)/fusion pipeline configs/demo.yaml
 
 # The report tests render pages in Debian's Chromium; install it when it is missing.
 browser:

@@ -66,7 +66,8 @@ def pipeline_from_config(config: PipelineConfig) -> dict:
             gpu_slots=config.extract.gpu_slots)
     models = train_models(run, config.train_configs())
     analysis = analyze_stage(run, config.analysis.models) if config.analysis.enabled else None
-    reports = report_stage(run, config.report_model, config.report.patients) if config.report.enabled else []
+    reports = (report_stage(run, config.report_model, config.report.patients, config.report.pdf)
+               if config.report.enabled else [])
     summary = _summary(run, tiled, extracted, models, reports=reports, analysis=analysis is not None)
     for m in models:
         print(f"{m['model']}:\n{format_evaluation(m['evaluation'])}")

@@ -37,8 +37,8 @@ class Bar:
 
 
 def bar(description: str, total: float | None) -> Bar:
-    """A new bar on the open display, or a no-op bar."""
-    return Bar(_current, description, total)
+    """A new bar on the open display, or a no-op bar (also when there is nothing to count)."""
+    return Bar(_current if total != 0 else None, description, total)
 
 
 @contextlib.contextmanager

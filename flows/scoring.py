@@ -40,11 +40,11 @@ def score_task(run: str, model_dir: str, patient_ids: list[str], batch: str) -> 
 
 
 @task(name="report-new", cache_policy=NO_CACHE)
-def report_new_task(run: str, model_dir: str, patient_ids: list[str]) -> list[str]:
+def report_new_task(run: str, model_dir: str, patient_ids: list[str], pdf: bool = False) -> list[str]:
     from fusion.report.patient import write_reports
 
     layout, cohort = open_run(run)
-    return [str(p) for p in write_reports(layout, cohort, model_dir, patient_ids) if p.suffix == ".html"]
+    return [str(p) for p in write_reports(layout, cohort, model_dir, patient_ids, pdf=pdf) if p.suffix == ".html"]
 
 
 @flow(name="fusion-score-inbox", log_prints=True)
@@ -80,7 +80,7 @@ def score_inbox(config_path: str) -> dict:
         extract_cohort.with_options(task_runner=runner)(run, [encoder], config.extract.build(), tile_set,
                                                         slides=ok, gpu_slots=config.extract.gpu_slots)
     scored = score_task(run, str(model_dir), todo, batch)
-    reports = report_new_task(run, str(model_dir), todo) if serve.reports else []
+    reports = report_new_task(run, str(model_dir), todo, config.report.pdf) if serve.reports else []
     result = {"batch": batch, "arrived": arrived, "patients": todo, "predictions": scored["predictions"],
               "reports": reports, "failed": [r["slide_id"] for r in tiled if r["status"] == "failed"]}
     create_markdown_artifact(key="fusion-scoring", markdown=_markdown(result, scored["scores"]),

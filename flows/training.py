@@ -7,6 +7,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.progress import bar
 from fusion.run import open_run
 from fusion.stages import evaluate_stage, train_stage
+from fusion.train.baselines import BASELINES
 from fusion.train.loop import TrainConfig
 
 
@@ -15,7 +16,7 @@ def train_task(run: str, config: TrainConfig) -> dict:
     layout, cohort = open_run(run)
     logger = get_run_logger()
     epochs = bar(f"training {config.model} ({config.folds} folds x <= {config.epochs} epochs)",
-                 total=config.folds * config.epochs)
+                 total=0 if config.model in BASELINES else config.folds * config.epochs)  # baselines: no epochs
 
     def on_epoch(fold: int, epoch: int, record: dict) -> None:
         epochs.update(completed=fold * config.epochs + epoch + 1)

@@ -90,6 +90,7 @@ class ReportSection(_Frozen):
     enabled: bool = True
     model: str | None = None  # model folder whose predictions the reports show (default: the first model)
     patients: list[str] | None = None  # default: every patient
+    pdf: bool = False  # also print each report to PDF (needs Chromium; see `fusion doctor`)
 
 
 class ServeSection(_Frozen):
