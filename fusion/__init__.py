@@ -1,0 +1,8 @@
+"""fusion: multimodal pathology pipeline (whole-slide tiles, genomics, clinical data -> risk)."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("fusion")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+source"

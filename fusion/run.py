@@ -47,6 +47,10 @@ class RunLayout:
         return self.root / "analysis"
 
     @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
     def ledger(self) -> Ledger:
         return Ledger(self.root / "ledger.jsonl")
 

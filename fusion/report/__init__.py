@@ -1,0 +1,1 @@
+"""Cohort analysis (`analysis`), clinician reports (`patient`), their statistics, plots and templates."""

@@ -1,0 +1,205 @@
+"""Cohort statistics on out-of-fold predictions. Every number comes from scikit-survival, lifelines
+or scikit-learn; this module only chooses what to compute and how to resample it.
+
+Conventions: `risk` is higher for worse prognosis; survival times and events are the cohort's.
+The censoring distribution for Uno's C, time-dependent AUC and the Brier score is estimated on the
+whole cohort (the predictions are out-of-fold, the outcomes are the same patients').
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+from sksurv.util import Surv
+
+from fusion.survival import concordance
+
+
+def surv(time: np.ndarray, event: np.ndarray) -> np.ndarray:
+    return Surv.from_arrays(np.asarray(event).astype(bool), np.asarray(time, float))
+
+
+def harrell_c(time, event, risk) -> float:
+    return concordance(time, event, risk)
+
+
+def uno_c(time, event, risk, tau: float | None = None) -> float:
+    """Uno's IPCW C-index truncated at `tau` (default: the 90th percentile of follow-up)."""
+    from sksurv.metrics import concordance_index_ipcw
+
+    y = surv(time, event)
+    tau = float(np.quantile(time, 0.9)) if tau is None else tau
+    try:
+        return float(concordance_index_ipcw(y, y, np.asarray(risk, float), tau=tau)[0])
+    except ValueError:
+        return float("nan")
+
+
+def bootstrap_ci(stat: Callable[[np.ndarray], float], n: int, n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of `stat(indices)` over patients resampled with replacement."""
+    rng = np.random.default_rng(seed)
+    values = np.array([stat(rng.integers(0, n, n)) for _ in range(n_boot)], float)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return float("nan"), float("nan")
+    alpha = (1 - level) / 2
+    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+
+
+def usable_times(time, event, candidates) -> list[float]:
+    """Horizons inside the follow-up where time-dependent metrics are defined (after the first event,
+    before the last observed time)."""
+    time, event = np.asarray(time, float), np.asarray(event).astype(bool)
+    if not event.any():
+        return []
+    lo, hi = time[event].min(), time.max()
+    return [float(t) for t in candidates if lo <= t < hi]
+
+
+def td_auc(time, event, risk, times) -> tuple[list[float], float]:
+    """Cumulative/dynamic AUC at each horizon and its mean (scikit-survival)."""
+    from sksurv.metrics import cumulative_dynamic_auc
+
+    y = surv(time, event)
+    auc, mean = cumulative_dynamic_auc(y, y, np.asarray(risk, float), times)
+    return [float(a) for a in auc], float(mean)
+
+
+def integrated_brier(time, event, survival: np.ndarray, times) -> float:
+    """Integrated Brier score of predicted S(t) [P, T] at `times` (scikit-survival); lower is better."""
+    from sksurv.metrics import integrated_brier_score
+
+    y = surv(time, event)
+    return float(integrated_brier_score(y, y, survival, times))
+
+
+def calibration(time, event, survival_at_t: np.ndarray, horizon: float, bins: int = 3) -> pd.DataFrame:
+    """Predicted against observed survival at `horizon`, patients binned by predicted S(horizon):
+    mean prediction beside the Kaplan-Meier estimate (95% CI) of each bin."""
+    from lifelines import KaplanMeierFitter
+
+    pred = np.asarray(survival_at_t, float)
+    edges = np.quantile(pred, np.linspace(0, 1, bins + 1))
+    which = np.clip(np.searchsorted(edges[1:-1], pred, side="right"), 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        sel = which == b
+        if sel.sum() < 2:
+            continue
+        km = KaplanMeierFitter().fit(np.asarray(time)[sel], np.asarray(event)[sel])
+        ci = km.confidence_interval_survival_function_.loc[:horizon]
+        low, high = ci.iloc[-1].to_numpy() if len(ci) else (1.0, 1.0)
+        rows.append({"bin": b + 1, "n": int(sel.sum()), "predicted": float(pred[sel].mean()),
+                     "observed": float(km.survival_function_at_times(horizon).iloc[0]),
+                     "observed_low": float(low), "observed_high": float(high)})
+    return pd.DataFrame(rows)
+
+
+def risk_groups(percentile: np.ndarray, scheme: str = "median") -> np.ndarray:
+    """Group names from each patient's percentile within its training fold's risks."""
+    percentile = np.asarray(percentile, float)
+    if scheme == "median":
+        return np.where(percentile >= 50, "high", "low")
+    if scheme == "tertiles":
+        return np.select([percentile < 100 / 3, percentile < 200 / 3], ["low", "intermediate"], "high")
+    raise ValueError(f"unknown risk-group scheme '{scheme}': use median or tertiles")
+
+
+GROUP_ORDER = ["low", "intermediate", "high"]
+
+
+def kaplan_meier(time, event, groups) -> dict:
+    """Kaplan-Meier curve with its 95% band per group, and the log-rank test across groups (lifelines)."""
+    from lifelines import KaplanMeierFitter
+    from lifelines.statistics import multivariate_logrank_test
+
+    time, event, groups = np.asarray(time, float), np.asarray(event).astype(int), np.asarray(groups)
+    curves = {}
+    for g in [g for g in GROUP_ORDER if g in set(groups)]:
+        sel = groups == g
+        km = KaplanMeierFitter().fit(time[sel], event[sel], label=g)
+        ci = km.confidence_interval_survival_function_
+        curves[g] = {"n": int(sel.sum()), "events": int(event[sel].sum()),
+                     "time": km.survival_function_.index.to_numpy().tolist(),
+                     "survival": km.survival_function_.iloc[:, 0].to_numpy().tolist(),
+                     "low": ci.iloc[:, 0].to_numpy().tolist(), "high": ci.iloc[:, 1].to_numpy().tolist(),
+                     "median_survival": float(km.median_survival_time_)}
+    p = float("nan")
+    if len(curves) > 1:
+        p = float(multivariate_logrank_test(time, groups, event).p_value)
+    return {"groups": curves, "logrank_p": p}
+
+
+def design_matrix(frame: pd.DataFrame, kinds: dict[str, str]) -> pd.DataFrame:
+    """Numeric columns as they are; categorical ones as indicators against their first level (the
+    lowest risk group for `risk_group`)."""
+    parts = []
+    for col, kind in kinds.items():
+        if kind == "numeric":
+            parts.append(pd.to_numeric(frame[col], errors="coerce").rename(col))
+        else:
+            values = frame[col].astype("string")
+            levels = [g for g in GROUP_ORDER if g in set(values.dropna())] if col == "risk_group" else \
+                sorted(values.dropna().unique().tolist())
+            for level in levels[1:]:
+                ind = (values == level).astype(float).where(values.notna())
+                parts.append(ind.rename(f"{col}={level}"))
+    return pd.concat(parts, axis=1)
+
+
+def cox_hazard_ratios(time, event, frame: pd.DataFrame, kinds: dict[str, str]) -> pd.DataFrame:
+    """Univariate (each covariate alone) and multivariate (all together) Cox models (lifelines):
+    hazard ratio, 95% CI and Wald p per term; complete cases, n recorded per model."""
+    from lifelines import CoxPHFitter
+
+    base = pd.DataFrame({"time": np.asarray(time, float), "event": np.asarray(event).astype(int)})
+    rows = []
+
+    def fit(cols: dict[str, str], analysis: str) -> None:
+        x = design_matrix(frame, cols)
+        data = pd.concat([base, x.reset_index(drop=True)], axis=1).dropna()
+        data = data.loc[:, (data.std() > 0) | data.columns.isin(["time", "event"])]
+        if data.shape[1] <= 2 or data["event"].sum() < 2:
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cph = CoxPHFitter().fit(data, "time", "event")
+        s = cph.summary
+        for term, r in s.iterrows():
+            rows.append({"analysis": analysis, "term": term, "hr": float(r["exp(coef)"]),
+                         "ci_low": float(r["exp(coef) lower 95%"]), "ci_high": float(r["exp(coef) upper 95%"]),
+                         "p": float(r["p"]), "n": len(data), "events": int(data["event"].sum())})
+
+    for col, kind in kinds.items():
+        fit({col: kind}, "univariate")
+    fit(kinds, "multivariate")
+    return pd.DataFrame(rows)
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str], n_boot: int = 1000,
+                           seed: int = 0) -> dict:
+    """ROC AUC (bootstrap 95% CI), balanced accuracy, F1 and the confusion matrix (scikit-learn).
+    Binary: the second class is the positive one; more classes: macro one-vs-rest AUC and macro F1."""
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
+
+    y = np.array([classes.index(str(v)) for v in labels])
+    pred = probs.argmax(1)
+    binary = len(classes) == 2
+
+    def auc(idx: np.ndarray) -> float:
+        if len(np.unique(y[idx])) < 2:
+            return float("nan")
+        if binary:
+            return float(roc_auc_score(y[idx], probs[idx, 1]))
+        return float(roc_auc_score(y[idx], probs[idx], multi_class="ovr", labels=list(range(len(classes)))))
+
+    everyone = np.arange(len(y))
+    return {"n": len(y), "classes": classes, "auc": auc(everyone),
+            "auc_ci": list(bootstrap_ci(auc, len(y), n_boot, seed)),
+            "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+            "f1": float(f1_score(y, pred, average="binary" if binary else "macro")),
+            "confusion_matrix": confusion_matrix(y, pred, labels=list(range(len(classes)))).tolist()}

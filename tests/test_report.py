@@ -1,0 +1,229 @@
+"""Cohort analysis and clinician reports: statistics checked against lifelines / scikit-survival
+called directly, and the HTML opened in a real headless Chromium (images loaded, risk shown,
+printable to PDF, screenshot not blank)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fusion.report.analysis import analyze_run
+from fusion.report.patient import write_reports
+from fusion.run import init_run, open_run
+from fusion.stages import train_stage
+from fusion.train.loop import TrainConfig
+
+MODEL = "coattn"
+
+
+@pytest.fixture(scope="module")
+def reported(tiny_run, tmp_path_factory):
+    """A private copy of the tiny run (one patient without genomics, one failed slide in the
+    ledger), a multimodal survival model, its classifier, a baseline, the analysis and 3 reports."""
+    root = tmp_path_factory.mktemp("report")
+    cohort_dir = root / "cohort"
+    src_layout, src_cohort = open_run(tiny_run)
+    shutil.copytree(src_cohort.root, cohort_dir)
+    genomics = pd.read_csv(cohort_dir / "genomics.csv", dtype={"patient_id": str})
+    no_genes = genomics.patient_id.iloc[0]
+    genomics.iloc[1:].to_csv(cohort_dir / "genomics.csv", index=False)
+    layout = init_run(root / "run", cohort_dir)
+    for part in ("tiles", "features"):
+        shutil.copytree(src_layout.root / part, layout.root / part)
+    layout, cohort = open_run(layout.root)
+    slides = cohort.slides.set_index("slide_id")
+    failed_slide = slides.index[-1]
+    layout.ledger.record("extract", failed_slide, "failed", error="SlideReadError: truncated file")
+
+    config = dict(model=MODEL, folds=3, epochs=15, patience=6, hidden=32)
+    train_stage(layout, cohort, TrainConfig(**config))
+    train_stage(layout, cohort, TrainConfig(**config, task="classification"))
+    train_stage(layout, cohort, TrainConfig(model="clinical_cox", folds=3))
+    analysis = analyze_run(layout, cohort, n_boot=200)
+    patients = [no_genes, slides.loc[failed_slide, "patient_id"], cohort.patients.index[5]]
+    written = write_reports(layout, cohort, MODEL, patients)
+    return {"layout": layout, "cohort": cohort, "analysis": analysis, "patients": patients, "written": written,
+            "no_genes": no_genes, "failed_slide": failed_slide}
+
+
+def _model_metrics(layout, name: str) -> dict:
+    report = json.loads((layout.analysis / "metrics.json").read_text())
+    return next(m for m in report["models"] if m["model"] == name)
+
+
+def test_statistics_match_lifelines_and_sksurv(reported):
+    from lifelines import CoxPHFitter, KaplanMeierFitter
+    from lifelines.statistics import multivariate_logrank_test
+    from lifelines.utils import concordance_index
+    from sksurv.metrics import (
+        concordance_index_censored,
+        concordance_index_ipcw,
+        cumulative_dynamic_auc,
+        integrated_brier_score,
+    )
+    from sksurv.util import Surv
+
+    layout, cohort = reported["layout"], reported["cohort"]
+    m = _model_metrics(layout, MODEL)
+    p = pd.read_parquet(layout.model_dir(MODEL) / "predictions.parquet")
+    t, e, r = p.time.to_numpy(), p.event.to_numpy().astype(bool), p.risk.to_numpy()
+    y = Surv.from_arrays(e, t)
+
+    assert m["harrell_c"] == pytest.approx(concordance_index_censored(e, t, r)[0], abs=1e-12)
+    assert m["harrell_c"] == pytest.approx(concordance_index(t, -r, e), abs=1e-3)  # lifelines' own count
+    assert m["uno_c"] == pytest.approx(concordance_index_ipcw(y, y, r, tau=np.quantile(t, 0.9))[0], abs=1e-12)
+    times = m["td_auc_times"]
+    auc, mean_auc = cumulative_dynamic_auc(y, y, r, times)
+    np.testing.assert_allclose(m["td_auc"], auc, atol=1e-12)
+    assert m["td_auc_mean"] == pytest.approx(mean_auc, abs=1e-12)
+    surv = p[[f"surv_{h:g}" for h in times]].to_numpy()
+    assert m["integrated_brier_score"] == pytest.approx(integrated_brier_score(y, y, surv, times), abs=1e-12)
+
+    # Risk groups recomputed here from each training fold's stored median.
+    cut = {k: json.loads((layout.model_dir(MODEL) / f"fold-{k}" / "metrics.json").read_text())
+           ["train_risk_cutoffs"]["median"] for k in p.fold.unique()}
+    group = np.where(p.risk.to_numpy() >= p.fold.map(cut).to_numpy(), "high", "low")
+    assert m["logrank_p"] == pytest.approx(multivariate_logrank_test(t, group, e).p_value, rel=1e-9)
+    for g in ("low", "high"):
+        km = KaplanMeierFitter().fit(t[group == g], e[group == g])
+        curve = m["kaplan_meier"]["groups"][g]
+        np.testing.assert_allclose(curve["survival"], km.survival_function_.iloc[:, 0].to_numpy())
+        assert curve["n"] == (group == g).sum()
+
+    clinical = cohort.patients.loc[p.patient_id, list(cohort.spec.clinical)].reset_index(drop=True)
+    frame = pd.DataFrame({"time": t, "event": e.astype(int), "risk_group=high": (group == "high").astype(float),
+                          "age": clinical.age.astype(float)})
+    for col in ("grade", "stage", "er_status"):
+        levels = sorted(clinical[col].astype(str).unique())
+        for level in levels[1:]:
+            frame[f"{col}={level}"] = (clinical[col].astype(str) == level).astype(float)
+    frame = frame.loc[:, frame.std() > 0]
+    cph = CoxPHFitter().fit(frame, "time", "event")
+    hr = {h["term"]: h for h in m["hazard_ratios"] if h["analysis"] == "multivariate"}
+    for term, row in cph.summary.iterrows():
+        assert hr[term]["hr"] == pytest.approx(row["exp(coef)"], rel=1e-6), term
+        assert hr[term]["p"] == pytest.approx(row["p"], rel=1e-6), term
+    low, high = m["harrell_c_ci"]
+    assert low < m["harrell_c"] < high and high - low > 0.02
+
+
+def test_classification_metrics_match_sklearn(reported):
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
+
+    layout = reported["layout"]
+    name = f"{MODEL}-classification"
+    m = _model_metrics(layout, name)
+    p = pd.read_parquet(layout.model_dir(name) / "predictions.parquet")
+    y = (p.label == m["classes"][1]).astype(int)
+    pred = (p[f"prob_{m['classes'][1]}"] > p[f"prob_{m['classes'][0]}"]).astype(int)
+    assert m["auc"] == pytest.approx(roc_auc_score(y, p[f"prob_{m['classes'][1]}"]))
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+    assert m["f1"] == pytest.approx(f1_score(y, pred))
+    assert m["confusion_matrix"] == confusion_matrix(y, pred).tolist()
+
+
+def test_analysis_artifacts(reported):
+    layout = reported["layout"]
+    summary = pd.read_csv(layout.analysis / "summary.csv")
+    assert {MODEL, "clinical_cox", f"{MODEL}-classification"} <= set(summary.model)
+    for name in ("km", "calibration", "forest"):
+        for ext in ("png", "svg"):
+            assert (layout.analysis / MODEL / f"{name}.{ext}").stat().st_size > 1000
+    assert (layout.analysis / f"{MODEL}-classification" / "roc.png").exists()
+    json.loads((layout.analysis / "metrics.json").read_text())  # strict JSON (no NaN)
+    html = (layout.analysis / "report.html").read_text()
+    assert "<img" in html and 'src="data:image/png;base64,' in html and 'src="/' not in html
+
+
+def _open(page, path):
+    page.goto(path.resolve().as_uri(), wait_until="load")
+    return page.evaluate("""() => Array.from(document.images).map(i => ({ok: i.complete && i.naturalWidth > 0,
+                                                                          alt: i.alt}))""")
+
+
+def _non_blank(png: bytes) -> tuple[tuple[int, int], float, int]:
+    import io
+
+    from PIL import Image
+
+    img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    not_white = (img < 245).any(-1).mean()
+    colours = len(np.unique(img.reshape(-1, 3)[::7], axis=0))
+    return img.shape[1::-1], float(not_white), colours
+
+
+def test_reports_render_in_headless_chromium(reported):
+    from playwright.sync_api import sync_playwright
+
+    from fusion.report.pdf import launch
+
+    layout, pid = reported["layout"], reported["patients"][2]
+    html_path = layout.reports / f"{pid}.html"
+    with sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page(viewport={"width": 1000, "height": 1400})
+        images = _open(page, html_path)
+        assert len(images) >= 3 and all(i["ok"] for i in images), images  # survival plot, heatmap, tiles
+        group = page.inner_text("#risk-group")
+        assert re.search(r"(low|high) risk", group), group
+        assert re.search(r"-?\d+\.\d\d", page.inner_text("#risk-score"))
+        assert "th" in page.inner_text("#risk-percentile")
+        assert page.pdf(format="A4")[:4] == b"%PDF"
+        size, ink, colours = _non_blank(page.screenshot(full_page=True))
+        assert size[0] == 1000 and size[1] > 1400, size
+        assert ink > 0.15 and colours > 200, (ink, colours)
+
+        images = _open(page, layout.analysis / "report.html")
+        assert len(images) >= 6 and all(i["ok"] for i in images), images
+        assert MODEL in page.inner_text("#headline")
+        assert page.pdf(format="A4")[:4] == b"%PDF"
+        size, ink, colours = _non_blank(page.screenshot(full_page=True))
+        assert size[0] == 1000 and size[1] > 2000 and ink > 0.05 and colours > 200, (size, ink, colours)
+        browser.close()
+    pdf = html_path.with_suffix(".pdf")
+    assert pdf.read_bytes()[:4] == b"%PDF" and pdf.stat().st_size > 20_000
+
+
+def test_report_shows_the_patients_group_and_nobody_elses_data(reported):
+    layout = reported["layout"]
+    for pid in reported["patients"]:
+        html = (layout.reports / f"{pid}.html").read_text()
+        text = re.sub(r'data:[^"]+', "", html)  # embedded images are base64, not text
+        others = set(re.findall(r"P\d{4}", text)) - {pid}
+        assert not others, f"report of {pid} mentions {others}"
+        oof = pd.read_parquet(layout.model_dir(MODEL) / "predictions.parquet").set_index("patient_id")
+        fold = int(oof.loc[pid, "fold"])
+        median = json.loads((layout.model_dir(MODEL) / f"fold-{fold}" / "metrics.json").read_text())[
+            "train_risk_cutoffs"]["median"]
+        expected = "high" if oof.loc[pid, "risk"] >= median else "low"
+        assert f'class="group {expected}"' in html
+        assert "research use only" in html.lower()
+    first = (layout.reports / f"{reported['no_genes']}.html").read_text()
+    assert "No genomics" in first
+    second = (layout.reports / f"{reported['patients'][1]}.html").read_text()
+    assert f"Slide {reported['failed_slide']} failed" in second and "truncated file" in second
+
+
+def test_new_patients_are_scored_by_the_fold_ensemble(reported, tmp_path):
+    """A model from one run reports on another run's patients (the scheduled-scoring case)."""
+    layout, cohort = reported["layout"], reported["cohort"]
+    other = init_run(tmp_path / "other", cohort.root)
+    for part in ("tiles", "features"):
+        shutil.copytree(layout.root / part, other.root / part)
+    other, other_cohort = open_run(other.root)
+    pid = reported["patients"][2]
+    [html] = write_reports(other, other_cohort, layout.model_dir(MODEL), [pid], pdf=False)
+    text = html.read_text()
+    assert "mean of 3 fold models" in text and html.parent == other.root / "reports"
+
+
+def test_unknown_patient_is_named(reported):
+    from fusion.errors import RunError
+
+    with pytest.raises(RunError, match="NOPE-1"):
+        write_reports(reported["layout"], reported["cohort"], MODEL, ["NOPE-1"], pdf=False)
