@@ -92,3 +92,27 @@ def test_relative_paths_follow_the_config_file(tmp_path):
     config = load_pipeline_config(_write_config(tmp_path))
     assert config.cohort == (tmp_path / "cohort").resolve() and config.run == (tmp_path / "run").resolve()
     assert config.train_configs()[0].folds == 3 and config.train_configs()[0].encoder == "morph"
+
+
+def test_analysis_and_reports_are_stages_too(tiny_cohort, tiny_run, tmp_path, prefect_server):
+    """Analysis and reports run after training, are skipped when nothing changed, and the run's
+    artifact links every report."""
+    pytest.importorskip("fusion.report.patient")
+    from flows.pipeline import summary_markdown
+
+    cohort, run = _copy_run(tiny_cohort, tiny_run, tmp_path)
+    patients = list(pd.read_csv(cohort / "patients.csv", dtype={"patient_id": str}).patient_id[:2])
+    config = load_pipeline_config(_write_config(tmp_path, analysis={"enabled": True},
+                                                report={"enabled": True, "patients": patients}))
+    first = pipeline_from_config(config)
+    assert [p.rsplit("/", 1)[-1] for p in first["reports"]] == [f"{p}.html" for p in patients]
+    assert (run / "analysis").is_dir() and first["analysis"]
+    markdown = summary_markdown(first)
+    assert all(f"[{p}](file://" in markdown for p in patients)
+
+    ledger = Ledger(run / "ledger.jsonl")
+    n = len(ledger.entries())
+    second = pipeline_from_config(config)
+    assert [(e["step"], e["status"]) for e in ledger.entries()[n:] if e["step"] in ("train", "analyze", "report")] \
+        == [("train", "skipped"), ("analyze", "skipped"), ("report", "skipped")]
+    assert second["reports"] == first["reports"]
