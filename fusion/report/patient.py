@@ -12,11 +12,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from fusion import __version__
 from fusion.cohort import Cohort
@@ -114,16 +116,27 @@ def write_reports(layout: RunLayout, cohort: Cohort, model: str | Path, patient_
                        + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""))
     out = Path(out_dir) if out_dir else layout.reports
     written = []
-    for pid in ids:
-        html = context.render(pid, n_top)
-        written.append(write_text(out / f"{pid}.html", html))
-        if on_report:
-            on_report(pid)
+    with one_torch_thread():  # one patient's forward passes are tiny: thread hand-offs would dominate
+        for pid in ids:
+            html = context.render(pid, n_top)
+            written.append(write_text(out / f"{pid}.html", html))
+            if on_report:
+                on_report(pid)
     if pdf:
         from fusion.report.pdf import print_pdfs
 
         written += print_pdfs(written)
     return written
+
+
+@contextmanager
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
