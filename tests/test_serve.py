@@ -132,3 +132,23 @@ def test_served_deployment_scores_the_inbox(prefect_server, trained_setup, tmp_p
     assert pd.read_csv(tmp_path / "inbox" / "patients.csv").empty  # taken out of the inbox
     assert not list((tmp_path / "inbox" / "slides").iterdir())
     assert len(pd.read_csv(tmp_path / "scoring" / "cohort" / "patients.csv")) == INBOX_PATIENTS
+
+
+def test_scoring_twice_scores_nothing_twice(trained_setup, tmp_path):
+    """Two scorings in a row (embedded server, `fusion serve --once` path): the second finds nothing;
+    reports are written for the new patients."""
+    pytest.importorskip("fusion.report.patient")
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.scoring import score_inbox
+
+    config = yaml.safe_load(trained_setup.read_text())
+    config["serve"]["reports"] = True
+    trained_setup.write_text(yaml.safe_dump(config))
+    with prefect_test_harness(server_startup_timeout=120):
+        first = score_inbox(str(trained_setup))
+        second = score_inbox(str(trained_setup))
+    assert len(first["patients"]) == INBOX_PATIENTS and sorted(first["arrived"]) == sorted(first["patients"])
+    assert sorted(Path(p).stem for p in first["reports"]) == sorted(first["patients"])
+    assert second["patients"] == []
+    assert len(pd.read_parquet(tmp_path / "scoring" / "run" / "predictions" / "abmil.parquet")) == INBOX_PATIENTS
