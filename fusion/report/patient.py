@@ -222,20 +222,24 @@ class ReportContext:
             fold = int(row.fold.iloc[0])
             value = float(row.risk.iloc[0])
             pct = self.trained.folds[fold].percentiles
-            percentile = float(percentile_of([value], pct)[0]) if pct else float("nan")
+            percentile = float(percentile_of([value], pct)[0]) if pct else self._pooled_percentile(value)
             source = f"out-of-fold (fold {fold}: the model that did not train on this patient)"
         elif explanations:
             fold = None
             value = float(np.mean([e.risk for e in explanations]))
             per_fold = [percentile_of([e.risk], f.percentiles)[0] for e, f in
                         zip(explanations, self.trained.folds, strict=True) if f.percentiles]
-            percentile = float(np.mean(per_fold)) if per_fold else float("nan")
+            percentile = float(np.mean(per_fold)) if per_fold else self._pooled_percentile(value)
             source = f"mean of {len(explanations)} fold models"
         else:
             return {"available": False}
         group = str(stats.risk_groups([percentile], self.groups)[0]) if np.isfinite(percentile) else None
         return {"available": True, "value": value, "percentile": percentile, "group": group, "fold": fold,
                 "source": source, "scheme": self.groups}
+
+    def _pooled_percentile(self, value: float) -> float:
+        """For models trained before folds stored their percentiles: among the out-of-fold risks."""
+        return float(100 * (self.trained.oof["risk"].to_numpy() < value).mean())
 
     def _curve(self, pid: str, explanations: list[FoldExplanation], risk: dict) -> dict | None:
         if not explanations or not risk.get("available"):
