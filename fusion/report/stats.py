@@ -155,6 +155,7 @@ def cox_hazard_ratios(time, event, frame: pd.DataFrame, kinds: dict[str, str]) -
     """Univariate (each covariate alone) and multivariate (all together) Cox models (lifelines):
     hazard ratio, 95% CI and Wald p per term; complete cases, n recorded per model."""
     from lifelines import CoxPHFitter
+    from lifelines.exceptions import ConvergenceError
 
     base = pd.DataFrame({"time": np.asarray(time, float), "event": np.asarray(event).astype(int)})
     rows = []
@@ -167,7 +168,13 @@ def cox_hazard_ratios(time, event, frame: pd.DataFrame, kinds: dict[str, str]) -
             return
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            cph = CoxPHFitter().fit(data, "time", "event")
+            try:
+                cph = CoxPHFitter().fit(data, "time", "event")
+            except ConvergenceError:  # e.g. a covariate that separates events perfectly: no finite HR
+                rows.append({"analysis": analysis, "term": ", ".join(x.columns), "hr": float("nan"),
+                             "ci_low": float("nan"), "ci_high": float("nan"), "p": float("nan"), "n": len(data),
+                             "events": int(data["event"].sum())})
+                return
         s = cph.summary
         for term, r in s.iterrows():
             rows.append({"analysis": analysis, "term": term, "hr": float(r["exp(coef)"]),
