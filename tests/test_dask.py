@@ -53,3 +53,21 @@ def _rows(path) -> int:
 
     with h5py.File(path) as f:
         return int(f["coords"].shape[0])
+
+
+def test_gpu_extraction_holds_a_slot_of_the_gpu_limit(prefect_server, monkeypatch):
+    """On CUDA (simulated), an extraction task runs inside a slot of `fusion-gpu`, created if missing."""
+    import torch
+    from prefect import get_client
+
+    import flows.extraction as extraction
+
+    monkeypatch.setattr(extraction, "pick_device", lambda device: torch.device("cuda"))
+    extraction._ensure_gpu_limit.cache_clear()
+    with extraction.gpu_slot("auto", slots=2), get_client(sync_client=True) as client:
+        held = client.read_global_concurrency_limit_by_name(extraction.GPU_LIMIT)
+    with get_client(sync_client=True) as client:
+        released = client.read_global_concurrency_limit_by_name(extraction.GPU_LIMIT)
+    assert held.limit == 2 and held.active_slots == 1 and released.active_slots == 0
+    monkeypatch.setattr(extraction, "pick_device", lambda device: torch.device("cpu"))
+    assert extraction.gpu_slot("auto", 2).__class__.__name__ == "nullcontext"
