@@ -103,9 +103,19 @@ def _markdown(result: dict, scores: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def serve_scoring(config_path: str | Path, cron: str, name: str = DEPLOYMENT) -> None:
-    """Serve the scoring flow as a deployment on `cron` until interrupted (needs a Prefect server)."""
+def serve_scoring(config_path: str | Path, cron: str, name: str = DEPLOYMENT, work_pool: str | None = None) -> None:
+    """Serve the scoring flow as a deployment on `cron` until interrupted (needs a Prefect server).
+
+    With `work_pool`, register the deployment on that pool instead and return: the pool's workers
+    (`prefect worker start --pool NAME`, on machines with this repository installed) run it from
+    this source folder.
+    """
     config_path = str(Path(config_path).resolve())
     load_pipeline_config(config_path)  # fail now, not at 2 a.m.
-    score_inbox.serve(name=name, cron=cron, parameters={"config_path": config_path},
-                      description=f"score new patients of the inbox named in {config_path}")
+    options = {"name": name, "cron": cron, "parameters": {"config_path": config_path},
+               "description": f"score new patients of the inbox named in {config_path}"}
+    if work_pool is None:
+        score_inbox.serve(**options)
+        return
+    source = Path(__file__).resolve().parent.parent
+    score_inbox.from_source(str(source), "flows/scoring.py:score_inbox").deploy(work_pool_name=work_pool, **options)

@@ -504,6 +504,8 @@ def serve(
     = "0 2 * * *",
     name: Annotated[str, typer.Option(help="Deployment name.")] = "nightly-scoring",
     once: Annotated[bool, typer.Option(help="Score the inbox now, once, without serving a deployment.")] = False,
+    work_pool: Annotated[str | None, typer.Option(help="Register the deployment on this Prefect work pool and "
+                                                  "return (its workers run it) instead of serving here.")] = None,
 ) -> None:
     """Serve a Prefect deployment that scores new patients dropped into the inbox on a schedule.
 
@@ -520,6 +522,11 @@ def serve(
             result = score_inbox(str(config.resolve()))
             console.print(f"{len(result['patients'])} patient(s) scored"
                           + (f" into {result['predictions']}" if result["patients"] else ""))
+            return
+        if work_pool:
+            serve_scoring(config, cron, name, work_pool)
+            console.print(f"deployment [bold]fusion-score-inbox/{name}[/] registered on work pool '{work_pool}' "
+                          f"(cron '{cron}'); start a worker: prefect worker start --pool {work_pool}")
             return
         console.print(f"serving deployment [bold]fusion-score-inbox/{name}[/] on cron '{cron}' (Ctrl-C stops)")
         serve_scoring(config, cron, name)
