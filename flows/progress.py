@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 from collections.abc import Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 _current: Progress | None = None
-_lock = threading.Lock()
 
 
 class Bar:
@@ -47,16 +45,16 @@ def show_progress(console: Console | None = None) -> Iterator[Progress]:
     global _current
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, transient=False)
-    handlers = _prefect_console_handlers()
-    with _lock, progress:
-        saved = [(h, h.console) for h in handlers]
+    saved = [(h, h.console) for h in _prefect_console_handlers()]
+    outer = _current
+    with progress:
         for h, _ in saved:
             h.console = progress.console
         _current = progress
         try:
             yield progress
         finally:
-            _current = None
+            _current = outer
             for h, c in saved:
                 h.console = c
 
