@@ -116,3 +116,23 @@ def test_analysis_and_reports_are_stages_too(tiny_cohort, tiny_run, tmp_path, pr
     assert [(e["step"], e["status"]) for e in ledger.entries()[n:] if e["step"] in ("train", "analyze", "report")] \
         == [("train", "skipped"), ("analyze", "skipped"), ("report", "skipped")]
     assert second["reports"] == first["reports"]
+
+
+def test_progress_bars_print_prefect_logs_through_the_display():
+    import io
+
+    from rich.console import Console
+
+    from flows.progress import _prefect_console_handlers, bar, show_progress
+
+    bar("nothing open", 3).advance()  # without a display: a no-op
+    console = Console(file=io.StringIO(), width=100)
+    before = [h.console for h in _prefect_console_handlers()]
+    with show_progress(console) as progress:
+        slides = bar("tiling 2 slide(s)", total=2)
+        slides.advance()
+        slides.advance()
+        bar("nothing to do", total=0).advance()  # no empty bar
+        assert [(t.description, t.completed) for t in progress.tasks] == [("tiling 2 slide(s)", 2)]
+        assert all(h.console is console for h in _prefect_console_handlers())
+    assert [h.console for h in _prefect_console_handlers()] == before
