@@ -41,6 +41,29 @@ def tiny_run(tiny_cohort, tmp_path_factory) -> Path:
     return run
 
 
+# The default generative story (image, genomics and clinical each carry risk of their own) on small
+# slides: what the fusion models and the genomics/clinical baselines are tested on.
+TINY_FUSION = SynthConfig(patients=120, seed=8, slide_px=1536, extra_slide_prob=0.1, region_um=80.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_fusion_run(tmp_path_factory) -> Path:
+    """120 patients of the default story, tiled and featurised with `morph` (shared, read-only for tests)."""
+    from fusion.cohort import load_cohort
+    from fusion.run import init_run
+    from fusion.stages import build_encoders, extract_one, slide_rows, tile_one
+    from fusion.wsi import TilingConfig
+
+    root = tmp_path_factory.mktemp("tiny-fusion")
+    cohort_dir = synthesize_cohort(root / "cohort", TINY_FUSION)
+    layout = init_run(root / "run", cohort_dir)
+    encoders = build_encoders(["morph"])
+    for sid, path in slide_rows(load_cohort(cohort_dir)):
+        assert tile_one(layout, sid, path, TilingConfig())["status"] == "done"
+        assert extract_one(layout, sid, path, encoders)["status"] == "done"
+    return root / "run"
+
+
 # Realistic tissue-detection slides: 4 x 3 mm at 20x with pen marks on every slide, and one 40x.
 REALISTIC = SynthConfig(patients=3, seed=11, slide_px=8192, extra_slide_prob=0.0, pen_prob=1.0, debris=8)
 
