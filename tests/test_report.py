@@ -227,3 +227,23 @@ def test_unknown_patient_is_named(reported):
 
     with pytest.raises(RunError, match="NOPE-1"):
         write_reports(reported["layout"], reported["cohort"], MODEL, ["NOPE-1"], pdf=False)
+
+
+def test_analysis_of_models_trained_before_curves_and_cutoffs_were_stored(reported, tmp_path):
+    """Older model folders (no survival columns, no training-fold percentiles) still analyse:
+    groups fall back to the pooled out-of-fold median, the Brier score is left out."""
+    from fusion.run import RunLayout
+
+    layout = RunLayout(tmp_path / "run")
+    legacy = layout.model_dir("legacy_cox")
+    shutil.copytree(reported["layout"].model_dir("clinical_cox"), legacy)
+    preds = pd.read_parquet(legacy / "predictions.parquet")
+    preds.drop(columns=[c for c in preds.columns if c.startswith("surv_")]).to_parquet(legacy / "predictions.parquet")
+    for path in legacy.glob("fold-*/metrics.json"):
+        metrics = json.loads(path.read_text())
+        metrics.pop("train_risk_cutoffs")
+        path.write_text(json.dumps(metrics))
+    analyze_run(layout, reported["cohort"], n_boot=50)
+    m = _model_metrics(layout, "legacy_cox")
+    assert m["cutoff_source"] == "pooled out-of-fold" and "integrated_brier_score" not in m
+    assert m["td_auc_mean"] > 0.5 and (layout.analysis / "report.html").stat().st_size > 10_000
