@@ -330,22 +330,30 @@ def predict(
 def compare(run: Annotated[Path, typer.Argument(help="Run folder with trained models.")]) -> None:
     """Table of every model and baseline trained in RUN: C-index mean ± sd over the same folds."""
     from fusion.run import open_run
-    from fusion.train.evaluate import compare_models
+    from fusion.train.evaluate import compare_classifiers, compare_models
 
     try:
         layout, c = open_run(run)
         table = compare_models(layout.root / "models", c, layout.analysis)
+        classifiers = compare_classifiers(layout.root / "models", c, layout.analysis)
     except (FusionError, ValueError) as e:
         _fail(e)
-    if not len(table):
+    if not len(table) and not len(classifiers):
         _fail(ValueError(f"no trained model in {layout.root / 'models'}; run `fusion train` first"))
-    out = Table("model", "C-index (mean ± sd)", "% of oracle")
-    for r in table.itertuples():
-        oracle = "" if r.fraction_of_oracle is None or r.fraction_of_oracle != r.fraction_of_oracle else \
-            f"{100 * r.fraction_of_oracle:.0f}%"
-        out.add_row(r.model, f"{r.c_index_mean:.3f} ± {r.c_index_sd:.3f}", oracle)
-    console.print(out)
-    console.print(f"written to {layout.analysis / 'comparison.csv'}")
+    if len(table):
+        out = Table("model", "C-index (mean ± sd)", "% of oracle")
+        for r in table.itertuples():
+            oracle = "" if r.fraction_of_oracle is None or r.fraction_of_oracle != r.fraction_of_oracle else \
+                f"{100 * r.fraction_of_oracle:.0f}%"
+            out.add_row(r.model, f"{r.c_index_mean:.3f} ± {r.c_index_sd:.3f}", oracle)
+        console.print(out)
+        console.print(f"written to {layout.analysis / 'comparison.csv'}")
+    if len(classifiers):  # the cohort's label: ACMIL beside ABMIL
+        out = Table("classifier", "AUC (mean ± sd)", "balanced accuracy")
+        for r in classifiers.itertuples():
+            out.add_row(r.model, f"{r.auc_mean:.3f} ± {r.auc_sd:.3f}", f"{r.balanced_accuracy_mean:.3f}")
+        console.print(out)
+        console.print(f"written to {layout.analysis / 'classification.csv'}")
 
 
 @app.command()

@@ -88,6 +88,28 @@ def compare_models(models_root: str | Path, cohort: Cohort, out_dir: str | Path 
     return table
 
 
+def compare_classifiers(models_root: str | Path, cohort: Cohort, out_dir: str | Path | None = None) -> pd.DataFrame:
+    """One row per classifier in RUN/models/ (`<model>-classification`): AUC mean ± sd over folds and
+    balanced accuracy, best first; written to `out_dir/classification.csv` when given."""
+    rows = []
+    for model_dir in sorted(Path(models_root).iterdir()) if Path(models_root).exists() else []:
+        if (model_dir / "predictions.parquet").exists():
+            r = evaluate_predictions(model_dir, cohort)
+            if r.get("task") == "classification":
+                rows.append({"model": r["model"], "auc_mean": r["auc_mean"], "auc_sd": r["auc_sd"],
+                             "balanced_accuracy_mean": r["balanced_accuracy_mean"], "folds": len(r["folds"])})
+    table = pd.DataFrame(rows)
+    if len(table):
+        table = table.sort_values("auc_mean", ascending=False).reset_index(drop=True)
+    if out_dir is not None and len(table):
+        from fusion.storage import atomic_path
+
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        with atomic_path(Path(out_dir) / "classification.csv") as tmp:
+            table.to_csv(tmp, index=False)
+    return table
+
+
 def _truth(cohort: Cohort) -> pd.Series | None:
     path = cohort.root / "truth" / "patients.csv"
     if not path.exists():
@@ -110,4 +132,4 @@ def format_evaluation(result: dict) -> str:
     return line
 
 
-__all__ = ["evaluate_predictions", "format_evaluation", "compare_models"]
+__all__ = ["evaluate_predictions", "format_evaluation", "compare_models", "compare_classifiers"]
