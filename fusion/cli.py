@@ -35,7 +35,7 @@ def _fail(e: Exception) -> None:
 @app.command()
 def synth(
     out: Annotated[Path, typer.Option(help="Folder to write the cohort into.")],
-    patients: Annotated[int, typer.Option(help="Number of patients.")] = 150,
+    patients: Annotated[int, typer.Option(help="Number of patients.")] = 250,
     seed: Annotated[int, typer.Option(help="Random seed (the cohort is a function of it).")] = 0,
     slide_px: Annotated[int, typer.Option(help="Long side of each slide's level 0, pixels.")] = 4096,
     mpp: Annotated[float, typer.Option(help="Microns per pixel at level 0 (0.5 = 20x, 0.25 = 40x).")] = 0.5,
