@@ -39,9 +39,10 @@ def _forward(model, x, mask, tab) -> dict:
 
 
 def explain_patient(model: torch.nn.Module, features: np.ndarray, tab: dict[str, np.ndarray], discrete: bool,
-                    classify: bool = False, steps: int = 16) -> FoldExplanation:
+                    classify: bool = False, steps: int = 16, attribute: bool = True) -> FoldExplanation:
     """`features` [N, D] (N may be 0), `tab`: this patient's preprocessed genomics / genomics_mask /
-    clinical rows (1-D arrays). Full bag, no tile cap."""
+    clinical rows (1-D arrays). Full bag, no tile cap. `attribute=False` skips the integrated
+    gradients (a model that reads no genomics or clinical data)."""
     model.eval()
     n = len(features)
     x = torch.zeros(1, max(n, 1), features.shape[1] if features.ndim == 2 else 1)
@@ -56,7 +57,7 @@ def explain_patient(model: torch.nn.Module, features: np.ndarray, tab: dict[str,
         return FoldExplanation(float("nan"), None, attention, None, None, probs)
     hazards = torch.sigmoid(out["logits"].float())[0].numpy() if discrete else None
     risk = float(hazard_risk(hazards[None])[0]) if discrete else float(out["risk"][0])
-    genomics, clinical = _integrated_gradients(model, x, mask, one, discrete, steps)
+    genomics, clinical = _integrated_gradients(model, x, mask, one, discrete, steps) if attribute else (None, None)
     return FoldExplanation(risk, hazards, attention, genomics, clinical)
 
 

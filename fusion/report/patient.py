@@ -195,7 +195,7 @@ class ReportContext:
         if not len(features) and not multimodal:
             explanations = []
         else:
-            explanations = [explain_patient(f.model, features, _row(tab, i), f.discrete)
+            explanations = [explain_patient(f.model, features, _row(tab, i), f.discrete, attribute=multimodal)
                             for f, tab in zip(self.trained.folds, self.tabs, strict=True)]
         risk = self._risk(pid, explanations)
         curve = self._curve(pid, explanations, risk)
@@ -206,7 +206,7 @@ class ReportContext:
         slides = self._slides(pid, explanations, n_top)
         context = {
             "pid": pid, "risk": risk, "curve": curve, "km_png": km_png, "slides": slides,
-            "genes": _top(self._attributions(explanations, "genomics", i), 8) if multimodal else [],
+            "genes": _top(self._attributions(explanations, "genomics"), 8) if multimodal else [],
             "clinical": self._clinical(explanations, i) if multimodal else [],
             "classification": self._classification(pid, i),
             "flags": self._flags(pid, i, risk, slides), "model": self._model_card(),
@@ -266,16 +266,17 @@ class ReportContext:
 
     def _slides(self, pid: str, explanations: list[FoldExplanation], n_top: int) -> list[dict]:
         """Per slide: tile count, heatmap and top tiles (attention averaged over the fold models)."""
-        encoder = self.trained.config["encoder"].split("+")[0]
+        encoders = self.trained.config["encoder"].split("+")
         tile_set = self.trained.config["train_config"].get("tile_set", "")
         attention = np.mean([e.attention for e in explanations], 0) if explanations and \
             len(explanations[0].attention) else np.zeros(0)
         out, start = [], 0
         for s in self.cohort.slides_of(pid).itertuples():
             info = {"slide_id": s.slide_id, "n_tiles": 0, "failed": self.ledger_failures.get(s.slide_id)}
-            feat_path = self.layout.features_h5(encoder, s.slide_id, tile_set)
-            tiles_path = self.layout.tiles_h5(s.slide_id, tile_set)
-            if feat_path.exists() and tiles_path.exists():
+            feat_paths = [self.layout.features_h5(e, s.slide_id, tile_set) for e in encoders]
+            feat_path, tiles_path = feat_paths[0], self.layout.tiles_h5(s.slide_id, tile_set)
+            # the bag holds the slides featurised by every encoder, in this order (see load_bags)
+            if all(p.exists() for p in feat_paths) and tiles_path.exists():
                 _, coords, _ = read_features(feat_path)
                 _, attrs = read_coords(tiles_path)
                 n = len(coords)
@@ -289,7 +290,7 @@ class ReportContext:
             out.append(info)
         return out
 
-    def _attributions(self, explanations: list[FoldExplanation], kind: str, i: int) -> dict[str, float]:
+    def _attributions(self, explanations: list[FoldExplanation], kind: str) -> dict[str, float]:
         """Mean attribution per input name over the fold models (folds may select different genes)."""
         totals: dict[str, float] = {}
         for e, f in zip(explanations, self.trained.folds, strict=True):
@@ -303,7 +304,7 @@ class ReportContext:
 
     def _clinical(self, explanations: list[FoldExplanation], i: int) -> list[dict]:
         """Clinical factors: one-hot columns summed back to their variable, with the patient's value."""
-        per_column = self._attributions(explanations, "clinical", i)
+        per_column = self._attributions(explanations, "clinical")
         by_variable: dict[str, float] = {}
         for column, v in per_column.items():
             var = column.split("=", 1)[0]
