@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from fusion.cohort import Cohort
-from fusion.storage import write_json
+from fusion.storage import atomic_path, write_json
 from fusion.survival import concordance
 
 
@@ -67,45 +67,39 @@ def _evaluate_classification(model_dir: Path, preds: pd.DataFrame) -> dict:
 def compare_models(models_root: str | Path, cohort: Cohort, out_dir: str | Path | None = None) -> pd.DataFrame:
     """One row per trained model or baseline in RUN/models/: C-index mean ± sd over folds (+ oracle),
     best first; written to `out_dir/comparison.csv` when given."""
-    rows = []
-    for model_dir in sorted(Path(models_root).iterdir()) if Path(models_root).exists() else []:
-        if (model_dir / "predictions.parquet").exists():
-            r = evaluate_predictions(model_dir, cohort)
-            if r.get("task") == "classification":
-                continue
-            rows.append({"model": r["model"], "c_index_mean": r["c_index_mean"], "c_index_sd": r["c_index_sd"],
-                         "folds": len(r["folds"]), "oracle_c_index_mean": r.get("oracle_c_index_mean"),
-                         "fraction_of_oracle": r.get("fraction_of_oracle")})
-    table = pd.DataFrame(rows)
-    if len(table):
-        table = table.sort_values("c_index_mean", ascending=False).reset_index(drop=True)
-    if out_dir is not None and len(table):
-        from fusion.storage import atomic_path
-
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        with atomic_path(Path(out_dir) / "comparison.csv") as tmp:
-            table.to_csv(tmp, index=False)
-    return table
+    rows = [{"model": r["model"], "c_index_mean": r["c_index_mean"], "c_index_sd": r["c_index_sd"],
+             "folds": len(r["folds"]), "oracle_c_index_mean": r.get("oracle_c_index_mean"),
+             "fraction_of_oracle": r.get("fraction_of_oracle")}
+            for r in _evaluations(models_root, cohort) if r.get("task") != "classification"]
+    return _ranked(rows, "c_index_mean", out_dir, "comparison.csv")
 
 
 def compare_classifiers(models_root: str | Path, cohort: Cohort, out_dir: str | Path | None = None) -> pd.DataFrame:
     """One row per classifier in RUN/models/ (`<model>-classification`): AUC mean ± sd over folds and
     balanced accuracy, best first; written to `out_dir/classification.csv` when given."""
-    rows = []
-    for model_dir in sorted(Path(models_root).iterdir()) if Path(models_root).exists() else []:
-        if (model_dir / "predictions.parquet").exists():
-            r = evaluate_predictions(model_dir, cohort)
-            if r.get("task") == "classification":
-                rows.append({"model": r["model"], "auc_mean": r["auc_mean"], "auc_sd": r["auc_sd"],
-                             "balanced_accuracy_mean": r["balanced_accuracy_mean"], "folds": len(r["folds"])})
-    table = pd.DataFrame(rows)
-    if len(table):
-        table = table.sort_values("auc_mean", ascending=False).reset_index(drop=True)
-    if out_dir is not None and len(table):
-        from fusion.storage import atomic_path
+    rows = [{"model": r["model"], "auc_mean": r["auc_mean"], "auc_sd": r["auc_sd"],
+             "balanced_accuracy_mean": r["balanced_accuracy_mean"], "folds": len(r["folds"])}
+            for r in _evaluations(models_root, cohort) if r.get("task") == "classification"]
+    return _ranked(rows, "auc_mean", out_dir, "classification.csv")
 
+
+def _evaluations(models_root: str | Path, cohort: Cohort):
+    """`evaluate_predictions` of every model folder under `models_root` that holds predictions."""
+    root = Path(models_root)
+    for model_dir in sorted(root.iterdir()) if root.exists() else []:
+        if (model_dir / "predictions.parquet").exists():
+            yield evaluate_predictions(model_dir, cohort)
+
+
+def _ranked(rows: list[dict], key: str, out_dir: str | Path | None, filename: str) -> pd.DataFrame:
+    """Rows as a table, best `key` first; written atomically to `out_dir/filename` when given."""
+    table = pd.DataFrame(rows)
+    if not len(table):
+        return table
+    table = table.sort_values(key, ascending=False).reset_index(drop=True)
+    if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        with atomic_path(Path(out_dir) / "classification.csv") as tmp:
+        with atomic_path(Path(out_dir) / filename) as tmp:
             table.to_csv(tmp, index=False)
     return table
 
