@@ -247,3 +247,26 @@ def test_analysis_of_models_trained_before_curves_and_cutoffs_were_stored(report
     m = _model_metrics(layout, "legacy_cox")
     assert m["cutoff_source"] == "pooled out-of-fold" and "integrated_brier_score" not in m
     assert m["td_auc_mean"] > 0.5 and (layout.analysis / "report.html").stat().st_size > 10_000
+
+
+def test_integrated_gradients_add_up_to_the_risk_difference(reported):
+    """Completeness: genes' and clinical factors' attributions sum to risk(patient) minus the risk
+    of the same slides with the training fold's average genomics and clinical profile."""
+    from fusion.report.explain import explain_patient
+    from fusion.report.patient import _average_clinical, load_trained
+    from fusion.train.data import load_bags
+
+    layout, cohort = reported["layout"], reported["cohort"]
+    fold = load_trained(layout.model_dir(MODEL)).folds[0]
+    bags, _ = load_bags(layout, cohort, fold.config["encoder"], keep_without_tiles=True)
+    tab = fold.prep.transform(bags)
+    average = _average_clinical(fold.prep)
+    assert 0 < average[len(fold.prep.numeric):].sum() <= len(fold.prep.categories) + 1e-6  # category shares
+    for i in (3, 11):
+        row = {k: v[i] for k, v in tab.items()}
+        e = explain_patient(fold.model, bags.features[i], row, fold.discrete, steps=64, baselines={"clinical": average})
+        reference = dict(row, genomics=np.zeros_like(row["genomics"]), clinical=average)
+        r0 = explain_patient(fold.model, bags.features[i], reference, fold.discrete, attribute=False).risk
+        total = e.genomics.sum() + e.clinical.sum()
+        assert abs(e.risk - r0) > 1e-3
+        assert total == pytest.approx(e.risk - r0, rel=0.05, abs=0.01), (total, e.risk - r0)

@@ -1,9 +1,10 @@
 """What one trained fold says about one patient: risk, tile attention and integrated gradients.
 
-Integrated gradients (Sundararajan et al., 2017) of the risk with respect to the standardised
-genomics and clinical inputs, from the training-fold mean (zeros after standardisation) to the
-patient's values: attributions add up (to the Riemann error) to risk(patient) - risk(mean inputs),
-so a positive value is risk that input added. The tile bag is held fixed along the path.
+Integrated gradients (Sundararajan et al., 2017) of the risk with respect to the preprocessed
+genomics and clinical inputs, from the training fold's average patient (zeros for z-scored columns,
+each category's share for one-hot columns) to the patient's values: attributions add up (to the
+Riemann error) to risk(patient) - risk(average inputs), so a positive value is risk that input
+added. The tile bag is held fixed along the path.
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ def _forward(model, x, mask, tab) -> dict:
 
 
 def explain_patient(model: torch.nn.Module, features: np.ndarray, tab: dict[str, np.ndarray], discrete: bool,
-                    classify: bool = False, steps: int = 16, attribute: bool = True) -> FoldExplanation:
+                    classify: bool = False, steps: int = 16, attribute: bool = True,
+                    baselines: dict[str, np.ndarray] | None = None) -> FoldExplanation:
     """`features` [N, D] (N may be 0), `tab`: this patient's preprocessed genomics / genomics_mask /
     clinical rows (1-D arrays). Full bag, no tile cap. `attribute=False` skips the integrated
-    gradients (a model that reads no genomics or clinical data)."""
+    gradients (a model that reads no genomics or clinical data); `baselines` are the starting
+    inputs of the path (default zeros: the training mean of z-scored columns)."""
     model.eval()
     n = len(features)
     x = torch.zeros(1, max(n, 1), features.shape[1] if features.ndim == 2 else 1)
@@ -57,11 +60,12 @@ def explain_patient(model: torch.nn.Module, features: np.ndarray, tab: dict[str,
         return FoldExplanation(float("nan"), None, attention, None, None, probs)
     hazards = torch.sigmoid(out["logits"].float())[0].numpy() if discrete else None
     risk = float(hazard_risk(hazards[None])[0]) if discrete else float(out["risk"][0])
-    genomics, clinical = _integrated_gradients(model, x, mask, one, discrete, steps) if attribute else (None, None)
+    genomics, clinical = _integrated_gradients(model, x, mask, one, discrete, steps, baselines or {}) \
+        if attribute else (None, None)
     return FoldExplanation(risk, hazards, attention, genomics, clinical)
 
 
-def _integrated_gradients(model, x, mask, tab, discrete: bool, steps: int):
+def _integrated_gradients(model, x, mask, tab, discrete: bool, steps: int, baselines: dict[str, np.ndarray]):
     """Attributions for `genomics` (when present for this patient) and `clinical`, batched over the
     path: one forward/backward pass of `steps` copies of the patient."""
     keys = [k for k in ("genomics", "clinical") if k in tab and tab[k].shape[-1] > 0]
@@ -71,7 +75,9 @@ def _integrated_gradients(model, x, mask, tab, discrete: bool, steps: int):
         return None, None
     alphas = ((torch.arange(steps, dtype=torch.float32) + 0.5) / steps)[:, None]
     batch = {k: v.expand(steps, *v.shape[1:]) for k, v in tab.items()}
-    scaled = {k: (alphas * tab[k].float()).requires_grad_(True) for k in keys}
+    start = {k: torch.as_tensor(baselines.get(k, np.zeros(tab[k].shape[-1])), dtype=torch.float32)[None]
+             for k in keys}
+    scaled = {k: (start[k] + alphas * (tab[k].float() - start[k])).requires_grad_(True) for k in keys}
     batch.update(scaled)
     xs, ms = x.expand(steps, *x.shape[1:]), mask.expand(steps, *mask.shape[1:])
     with torch.enable_grad():
@@ -80,5 +86,5 @@ def _integrated_gradients(model, x, mask, tab, discrete: bool, steps: int):
     result = {}
     for k, g in zip(keys, grads, strict=True):
         g = torch.zeros_like(scaled[k]) if g is None else g
-        result[k] = (g.mean(0) * tab[k][0].float()).numpy()
+        result[k] = (g.mean(0) * (tab[k][0].float() - start[k][0])).numpy()
     return result.get("genomics"), result.get("clinical")

@@ -195,7 +195,8 @@ class ReportContext:
         if not len(features) and not multimodal:
             explanations = []
         else:
-            explanations = [explain_patient(f.model, features, _row(tab, i), f.discrete, attribute=multimodal)
+            explanations = [explain_patient(f.model, features, _row(tab, i), f.discrete, attribute=multimodal,
+                                            baselines={"clinical": _average_clinical(f.prep)})
                             for f, tab in zip(self.trained.folds, self.tabs, strict=True)]
         risk = self._risk(pid, explanations)
         curve = self._curve(pid, explanations, risk)
@@ -381,6 +382,13 @@ def _slide_mpp(row) -> float | None:
 
 def _row(tab: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
     return {k: v[i] for k, v in tab.items()}
+
+
+def _average_clinical(prep: Preprocessor) -> np.ndarray:
+    """The training fold's average patient in preprocessed clinical columns: 0 for z-scored numbers,
+    each category's share for one-hot columns (zeros for models saved before shares were stored)."""
+    shares = [prep.category_freq.get(col) or [0.0] * len(cats) for col, cats in prep.categories.items()]
+    return np.concatenate([np.zeros(len(prep.numeric)), *map(np.asarray, shares)]).astype(np.float32)
 
 
 def _clinical_columns(prep: Preprocessor) -> list[str]:

@@ -131,6 +131,9 @@ class Preprocessor:
     gene_std: list[float] = field(default_factory=list)
     numeric: dict[str, tuple[float, float]] = field(default_factory=dict)
     categories: dict[str, list[str]] = field(default_factory=dict)
+    # Share of the training fold in each category: the mean of the one-hot columns, i.e. the
+    # "average patient" that attributions (integrated gradients) start from.
+    category_freq: dict[str, list[float]] = field(default_factory=dict)
 
     def fit(self, bags: Bags) -> Preprocessor:
         if bags.genomics is not None:
@@ -150,6 +153,8 @@ class Preprocessor:
                     self.numeric[col] = (float(v.mean()), float(max(v.std(), 1e-6)))
                 else:
                     self.categories[col] = sorted(values.dropna().astype(str).unique().tolist())
+                    as_text = values.astype(str).where(values.notna())
+                    self.category_freq[col] = [float((as_text == c).mean()) for c in self.categories[col]]
         return self
 
     @property
@@ -190,7 +195,8 @@ class Preprocessor:
 
     def state(self) -> dict:
         return {"max_genes": self.max_genes, "genes": self.genes, "gene_mean": self.gene_mean,
-                "gene_std": self.gene_std, "numeric": self.numeric, "categories": self.categories}
+                "gene_std": self.gene_std, "numeric": self.numeric, "categories": self.categories,
+                "category_freq": self.category_freq}
 
 
 def collate(bags: list[np.ndarray], max_tiles: int | None, rng: np.random.Generator | None
