@@ -177,22 +177,34 @@ def _check_patients(df: pd.DataFrame, spec: CohortSpec) -> list[str]:
     problems = _missing_columns(df, needed, t)
     if "patient_id" in df.columns:
         problems += _blank_ids(df, "patient_id", t) + _duplicates(df, "patient_id", t)
-    if time_col in df.columns:
-        time = pd.to_numeric(df[time_col], errors="coerce")
-        for i in np.flatnonzero(time.isna()):
-            problems.append(f"{t} {_line(i)}: {time_col} '{df[time_col].iat[i]}' is not a number")
-        for i in np.flatnonzero(time < 0):
-            problems.append(f"{t} {_line(i)}: {time_col} is negative ({time.iat[i]})")
-    if event_col in df.columns:
-        event = pd.to_numeric(df[event_col], errors="coerce")
-        for i in np.flatnonzero(~event.isin([0, 1])):
-            problems.append(f"{t} {_line(i)}: {event_col} must be 0 or 1, got '{df[event_col].iat[i]}'")
+    problems += _check_outcomes(df, t, time_col, event_col)
     for col, kind in spec.clinical.items():
         if kind == "numeric" and col in df.columns:
             values = pd.to_numeric(df[col], errors="coerce")
             bad = values.isna() & df[col].notna()
             for i in np.flatnonzero(bad):
                 problems.append(f"{t} {_line(i)}: clinical '{col}' is numeric, got '{df[col].iat[i]}'")
+    return problems
+
+
+def _check_outcomes(df: pd.DataFrame, t: str, time_col: str, event_col: str) -> list[str]:
+    """Outcome cells: numbers, non-negative times, 0/1 events; both blank = outcome not known yet."""
+    problems = []
+    # Both outcome cells blank: the outcome is not known yet (a patient to score, not to train on).
+    if time_col in df.columns and event_col in df.columns:
+        for i in np.flatnonzero(df[time_col].isna() != df[event_col].isna()):
+            problems.append(f"{t} {_line(i)}: {time_col} and {event_col} must be both given or both blank "
+                            "(blank: outcome not known yet)")
+    if time_col in df.columns:
+        time = pd.to_numeric(df[time_col], errors="coerce")
+        for i in np.flatnonzero(time.isna() & df[time_col].notna()):
+            problems.append(f"{t} {_line(i)}: {time_col} '{df[time_col].iat[i]}' is not a number")
+        for i in np.flatnonzero(time < 0):
+            problems.append(f"{t} {_line(i)}: {time_col} is negative ({time.iat[i]})")
+    if event_col in df.columns:
+        event = pd.to_numeric(df[event_col], errors="coerce")
+        for i in np.flatnonzero(~event.isin([0, 1]) & df[event_col].notna()):
+            problems.append(f"{t} {_line(i)}: {event_col} must be 0 or 1, got '{df[event_col].iat[i]}'")
     return problems
 
 

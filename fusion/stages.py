@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pandas as pd
 
 from fusion.cohort import Cohort
@@ -124,6 +125,8 @@ def train_stage(layout: RunLayout, cohort: Cohort, config: TrainConfig, on_epoch
 
     bags, missing = load_bags(layout, cohort, config.encoder, config.tile_set,
                               keep_without_tiles=config.model in MULTIMODAL or config.model in BASELINES)
+    if config.task == "survival":  # patients whose outcome is not known yet are scored, never trained on
+        bags = bags.subset(np.flatnonzero(np.isfinite(bags.time)))
     if len(bags) < config.folds * 2:
         raise RunError(f"only {len(bags)} patients have features for encoder '{config.encoder}' in "
                        f"{layout.root}; run `fusion extract` first (or use fewer folds)")

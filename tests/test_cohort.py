@@ -89,3 +89,17 @@ def test_slide_paths_must_stay_inside_the_cohort(tiny_cohort, tmp_path):
     spec["allow_external_paths"] = True
     (root / "cohort.yaml").write_text(yaml.safe_dump(spec))
     assert len(load_cohort(root, check_files=False).slides) == len(slides)
+
+
+def test_blank_outcome_means_not_known_yet_but_half_blank_is_an_error(tiny_cohort, tmp_path):
+    root = _copy(tiny_cohort, tmp_path)
+    patients = pd.read_csv(root / "patients.csv", dtype={"patient_id": str})
+    patients.loc[2, ["os_months", "os_event"]] = None  # line 4: a patient to score, outcome unknown
+    patients.to_csv(root / "patients.csv", index=False)
+    cohort = load_cohort(root, check_files=False)
+    assert pd.isna(cohort.patients.iloc[2]["os_months"])
+
+    patients.loc[6, "os_event"] = None  # line 8: a time without its event
+    patients.to_csv(root / "patients.csv", index=False)
+    with pytest.raises(CohortError, match="line 8: os_months and os_event must be both given or both blank"):
+        load_cohort(root, check_files=False)

@@ -196,3 +196,24 @@ def test_discrete_time_nll_training(model, tiny_run, tmp_path):
     assert ((surv >= 0) & (surv <= 1)).all() and (np.diff(surv, axis=1) <= 1e-9).all()
     _, config = load_checkpoint(tmp_path / "fold-0")
     assert len(config["bin_edges"]) == 3 and config["model_kwargs"]["n_outputs"] == 4
+
+
+def test_patients_with_unknown_outcome_are_not_trained_on(tiny_run, tmp_path):
+    """Blank outcome cells (a patient waiting to be scored) validate and stay out of survival training."""
+    import shutil
+
+    from fusion.run import init_run
+
+    src_layout, src = open_run(tiny_run)
+    cohort_dir = tmp_path / "cohort"
+    shutil.copytree(src.root, cohort_dir)
+    patients = pd.read_csv(cohort_dir / "patients.csv", dtype={"patient_id": str})
+    unknown = list(patients.patient_id[:3])
+    patients.loc[:2, ["os_months", "os_event"]] = None
+    patients.to_csv(cohort_dir / "patients.csv", index=False)
+    layout = init_run(tmp_path / "run", cohort_dir)
+    shutil.copytree(src_layout.root / "features", layout.root / "features")
+    layout, cohort = open_run(layout.root)
+    summary = train_stage(layout, cohort, TrainConfig(model="clinical_cox", folds=3))
+    preds = pd.read_parquet(layout.model_dir("clinical_cox") / "predictions.parquet")
+    assert summary["n_patients"] == 57 and not set(unknown) & set(preds.patient_id)
