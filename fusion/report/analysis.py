@@ -25,6 +25,8 @@ from fusion.report import plots, stats
 from fusion.report.html import data_uri, render
 from fusion.run import RunLayout
 from fusion.storage import atomic_path, write_json, write_text
+from fusion.survival import concordance
+from fusion.train.evaluate import true_risk
 
 
 def fold_percentiles(model_dir: Path, preds: pd.DataFrame) -> tuple[np.ndarray, str]:
@@ -55,26 +57,26 @@ def analyze_survival(model_dir: Path, preds: pd.DataFrame, cohort: Cohort, schem
                      n_boot: int = 1000, seed: int = 0, out_dir: Path | None = None) -> dict:
     time, event, risk = preds["time"].to_numpy(float), preds["event"].to_numpy(int), preds["risk"].to_numpy(float)
     n = len(preds)
-    per_fold = preds.groupby("fold").apply(lambda p: stats.harrell_c(p.time, p.event, p.risk), include_groups=False)
+    per_fold = preds.groupby("fold").apply(lambda p: concordance(p.time, p.event, p.risk), include_groups=False)
     tau = float(np.quantile(time, 0.9))
 
     def harrell(i: np.ndarray) -> float:
-        return stats.harrell_c(time[i], event[i], risk[i])
+        return concordance(time[i], event[i], risk[i])
 
     def uno(i: np.ndarray) -> float:
         return stats.uno_c(time[i], event[i], risk[i], tau)
 
     result = {
         "model": model_dir.name, "task": "survival", "n": n, "events": int(event.sum()),
-        "harrell_c": stats.harrell_c(time, event, risk),
+        "harrell_c": concordance(time, event, risk),
         "harrell_c_ci": list(stats.bootstrap_ci(harrell, n, n_boot, seed)),
         "harrell_c_fold_mean": float(per_fold.mean()), "harrell_c_fold_sd": float(per_fold.std(ddof=1)),
         "uno_c": stats.uno_c(time, event, risk, tau), "uno_tau": tau,
         "uno_c_ci": list(stats.bootstrap_ci(uno, n, n_boot, seed)),
     }
-    truth = _true_risk(cohort, preds["patient_id"])
+    truth = true_risk(cohort)
     if truth is not None:
-        result["oracle_harrell_c"] = stats.harrell_c(time, event, truth)
+        result["oracle_harrell_c"] = concordance(time, event, truth.reindex(preds["patient_id"]).to_numpy(float))
 
     surv_cols = _surv_columns(preds)
     times = stats.usable_times(time, event, sorted(surv_cols) or np.quantile(time[event == 1], [0.25, 0.5, 0.75]))
@@ -200,14 +202,6 @@ def summary_table(results: list[dict]) -> pd.DataFrame:
     if "harrell_c" in table:
         table = table.sort_values(["task", "harrell_c"], ascending=[False, False], na_position="last")
     return table.reset_index(drop=True)
-
-
-def _true_risk(cohort: Cohort, ids: pd.Series) -> np.ndarray | None:
-    path = cohort.root / "truth" / "patients.csv"
-    if not path.exists():
-        return None
-    truth = pd.read_csv(path, dtype={"patient_id": str}).set_index("patient_id")
-    return truth["true_risk"].reindex(ids.to_numpy()).to_numpy(float) if "true_risk" in truth else None
 
 
 def _write_csv(table: pd.DataFrame, path: Path) -> None:

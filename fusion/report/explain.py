@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fusion.survival.losses import risk_from_hazards
 from fusion.train.loop import hazard_risk
 
 
@@ -28,10 +29,7 @@ class FoldExplanation:
 
 
 def _risk(out: dict, discrete: bool) -> torch.Tensor:
-    if not discrete:
-        return out["risk"].float()
-    surv = torch.cumprod(1 - torch.sigmoid(out["logits"].float()), dim=1)
-    return -surv.sum(1)
+    return risk_from_hazards(out["logits"]) if discrete else out["risk"].float()
 
 
 @torch.no_grad()

@@ -87,9 +87,7 @@ def load_trained(directory: Path) -> TrainedModel:
         model, config = load_checkpoint(weights.parent)
         metrics_path = weights.parent / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-        state = dict(config["preprocessor"])
-        state["numeric"] = {k: tuple(v) for k, v in state["numeric"].items()}
-        folds.append(Fold(model, config, metrics, Preprocessor(**state)))
+        folds.append(Fold(model, config, metrics, Preprocessor.from_state(config["preprocessor"])))
     oof_path = directory / "predictions.parquet"
     cv_path = directory / "cv_metrics.json"
     return TrainedModel(directory, folds, pd.read_parquet(oof_path) if oof_path.exists() else None,

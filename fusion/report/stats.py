@@ -15,15 +15,9 @@ import numpy as np
 import pandas as pd
 from sksurv.util import Surv
 
-from fusion.survival import concordance
-
 
 def surv(time: np.ndarray, event: np.ndarray) -> np.ndarray:
     return Surv.from_arrays(np.asarray(event).astype(bool), np.asarray(time, float))
-
-
-def harrell_c(time, event, risk) -> float:
-    return concordance(time, event, risk)
 
 
 def uno_c(time, event, risk, tau: float | None = None) -> float:

@@ -193,6 +193,13 @@ class Preprocessor:
         out["clinical"] = np.concatenate(cols, 1).astype(np.float32) if cols else np.zeros((n, 0), np.float32)
         return out
 
+    @classmethod
+    def from_state(cls, state: dict) -> Preprocessor:
+        """The inverse of `state()` (as stored in a fold's config.json)."""
+        state = dict(state)
+        state["numeric"] = {k: tuple(v) for k, v in state["numeric"].items()}
+        return cls(**state)
+
     def state(self) -> dict:
         return {"max_genes": self.max_genes, "genes": self.genes, "gene_mean": self.gene_mean,
                 "gene_std": self.gene_std, "numeric": self.numeric, "categories": self.categories,

@@ -22,7 +22,7 @@ def evaluate_predictions(model_dir: str | Path, cohort: Cohort) -> dict:
     preds = pd.read_parquet(model_dir / "predictions.parquet")
     if "risk" not in preds.columns:
         return _evaluate_classification(model_dir, preds)
-    truth = _truth(cohort)
+    truth = true_risk(cohort)
     rows = []
     for fold, p in preds.groupby("fold"):
         row = {"fold": int(fold), "n": len(p), "events": int(p.event.sum()),
@@ -104,7 +104,8 @@ def _ranked(rows: list[dict], key: str, out_dir: str | Path | None, filename: st
     return table
 
 
-def _truth(cohort: Cohort) -> pd.Series | None:
+def true_risk(cohort: Cohort) -> pd.Series | None:
+    """The synthetic cohort's true risk per patient (truth/patients.csv), None for a real cohort."""
     path = cohort.root / "truth" / "patients.csv"
     if not path.exists():
         return None

@@ -41,9 +41,7 @@ def predict_patients(model_dir: str | Path, layout: RunLayout, cohort: Cohort, o
             if not len(bags):
                 raise RunError(f"no patient of {cohort.root} has '{config['encoder']}' features in {layout.root}; "
                                f"run `fusion extract {layout.root} --encoder {config['encoder']}` first")
-        state = dict(config["preprocessor"])
-        state["numeric"] = {k: tuple(v) for k, v in state["numeric"].items()}
-        fold_bags = dataclasses.replace(bags, tab=Preprocessor(**state).transform(bags))
+        fold_bags = dataclasses.replace(bags, tab=Preprocessor.from_state(config["preprocessor"]).transform(bags))
         hazards = train.get("loss") == "nll" and train.get("task", "survival") == "survival"
         scores = predict_risk(model.to(dev), fold_bags, dev, hazards=hazards)
         outputs.append(hazard_risk(scores) if hazards else scores)
