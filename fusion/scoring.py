@@ -19,7 +19,7 @@ import pandas as pd
 
 from fusion.cohort import COHORT_FILE, Cohort, load_cohort, load_spec, read_table
 from fusion.run import RunLayout
-from fusion.storage import atomic_path, write_text
+from fusion.storage import atomic_path, write_table, write_text
 
 
 def intake_inbox(inbox: str | Path, cohort_dir: str | Path, template: str | Path) -> list[str]:
@@ -54,15 +54,15 @@ def intake_inbox(inbox: str | Path, cohort_dir: str | Path, template: str | Path
         copied.append({"slide_id": row.slide_id, "patient_id": row.patient_id,
                        "path": str(target.relative_to(cohort_dir))})
     raw = _tables(inbox, spec)  # 2. the scoring tables, with the inbox rows as the user wrote them
-    _write_table(cohort_dir / spec.tables.slides, pd.concat([current["slides"], pd.DataFrame(copied)]))
+    write_table(cohort_dir / spec.tables.slides, pd.concat([current["slides"], pd.DataFrame(copied)]))
     for role in ("patients", "genomics"):
         if role in raw:
             rows = raw[role][raw[role].patient_id.isin(new_patients.patient_id)]
-            _write_table(cohort_dir / getattr(spec.tables, role), pd.concat([current.get(role, pd.DataFrame()), rows]))
+            write_table(cohort_dir / getattr(spec.tables, role), pd.concat([current.get(role, pd.DataFrame()), rows]))
 
     taken = set(incoming.patients.patient_id)  # 3. the inbox forgets what the scoring cohort now holds
     for name, table in raw.items():
-        _write_table(inbox / getattr(spec.tables, name), table[~table.patient_id.isin(taken)])
+        write_table(inbox / getattr(spec.tables, name), table[~table.patient_id.isin(taken)])
     for path in incoming.slides.path:
         Path(path).unlink(missing_ok=True)
     return arrived
@@ -77,14 +77,6 @@ def _tables(folder: Path, spec) -> dict[str, pd.DataFrame]:
         elif role != "genomics":
             out[role] = pd.DataFrame()
     return out
-
-
-def _write_table(path: Path, df: pd.DataFrame) -> None:
-    with atomic_path(path) as tmp:
-        if path.suffix.lower() in {".parquet", ".pq"}:
-            df.to_parquet(tmp, index=False)
-        else:
-            df.to_csv(tmp, index=False)
 
 
 def unscored(layout: RunLayout, cohort: Cohort, model: str) -> list[str]:
@@ -114,8 +106,7 @@ def merge_predictions(layout: RunLayout, model: str, scores: pd.DataFrame, batch
     if path.exists():
         old = pd.read_parquet(path)
         scores = pd.concat([old[~old.patient_id.isin(scores.patient_id)], scores], ignore_index=True)
-    with atomic_path(path) as tmp:
-        scores.to_parquet(tmp, index=False)
+    write_table(path, scores)
     return path
 
 

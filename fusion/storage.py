@@ -46,6 +46,16 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def write_table(path: str | os.PathLike, table) -> Path:
+    """A DataFrame as Parquet (`.parquet`/`.pq`) or CSV, without the index, written atomically."""
+    with atomic_path(path) as tmp:
+        if Path(path).suffix.lower() in {".parquet", ".pq"}:
+            table.to_parquet(tmp, index=False)
+        else:
+            table.to_csv(tmp, index=False)
+    return Path(path)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 

@@ -24,7 +24,7 @@ from fusion.cohort import Cohort
 from fusion.report import plots, stats
 from fusion.report.html import data_uri, render
 from fusion.run import RunLayout
-from fusion.storage import atomic_path, write_json, write_text
+from fusion.storage import write_json, write_table, write_text
 from fusion.survival import concordance
 from fusion.train.evaluate import true_risk
 
@@ -116,9 +116,9 @@ def analyze_survival(model_dir: Path, preds: pd.DataFrame, cohort: Cohort, schem
         if calibration is not None and len(calibration):
             figures["calibration"] = plots.save(plots.calibration_figure(calibration, horizon, unit),
                                                 out_dir / "calibration")
-            _write_csv(calibration, out_dir / "calibration.csv")
+            write_table(out_dir / "calibration.csv", calibration)
         if len(hr):
-            _write_csv(hr, out_dir / "hazard_ratios.csv")
+            write_table(out_dir / "hazard_ratios.csv", hr)
             mv = hr[hr.analysis == "multivariate"]
             if len(mv):
                 figures["forest"] = plots.save(plots.forest_figure(mv), out_dir / "forest")
@@ -167,7 +167,7 @@ def analyze_run(layout: RunLayout, cohort: Cohort, models: list[str] | None = No
     if td:
         overview["td_auc"] = plots.save(plots.td_auc_figure(td, cohort.spec.time_unit), out / "td_auc")
     summary = summary_table(results)
-    _write_csv(summary, out / "summary.csv")
+    write_table(out / "summary.csv", summary)
     report = {"fusion_version": __version__, "run": str(layout.root), "cohort": str(cohort.root),
               "n_patients": len(cohort.patients), "risk_groups": groups, "bootstrap": n_boot, "models": results}
     write_json(out / "metrics.json", _finite(report))
@@ -202,12 +202,6 @@ def summary_table(results: list[dict]) -> pd.DataFrame:
     if "harrell_c" in table:
         table = table.sort_values(["task", "harrell_c"], ascending=[False, False], na_position="last")
     return table.reset_index(drop=True)
-
-
-def _write_csv(table: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=False)
 
 
 def _finite(obj):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fusion.storage import atomic_path, hash_config, write_json
+from fusion.storage import hash_config, write_json, write_table
 from fusion.survival import concordance
 from fusion.train.data import Bags, Preprocessor
 from fusion.train.loop import risk_cutoffs, survival_horizons
@@ -77,8 +77,7 @@ def cross_validate_baseline(bags: Bags, kind: str, folds: int, seed: int, max_ge
                              "time": bags.time[test_idx], "event": bags.event[test_idx].astype(int)})
         for j, h in enumerate(horizons):
             pred[f"surv_{h:g}"] = surv[:len(test_idx), j]
-        with atomic_path(fold_dir / "predictions.parquet") as tmp:
-            pred.to_parquet(tmp, index=False)
+        write_table(fold_dir / "predictions.parquet", pred)
         preds.append(pred)
     cs = np.array([r["c_index"] for r in rows])
     config = {"model": kind, "folds": folds, "seed": seed, "max_genes": max_genes}
@@ -86,7 +85,6 @@ def cross_validate_baseline(bags: Bags, kind: str, folds: int, seed: int, max_ge
                "c_index_folds": cs.tolist(), "n_patients": len(bags), "n_events": int(bags.event.sum()),
                "config": config, "config_hash": hash_config(config), "horizons": horizons}
     write_json(out_dir / "cv_metrics.json", summary)
-    with atomic_path(out_dir / "predictions.parquet") as tmp:
-        pd.concat(preds).to_parquet(tmp, index=False)
+    write_table(out_dir / "predictions.parquet", pd.concat(preds))
     return summary
 

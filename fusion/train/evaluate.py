@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from fusion.cohort import Cohort
-from fusion.storage import atomic_path, write_json
+from fusion.storage import write_json, write_table
 from fusion.survival import concordance
 
 
@@ -99,8 +99,7 @@ def _ranked(rows: list[dict], key: str, out_dir: str | Path | None, filename: st
     table = table.sort_values(key, ascending=False).reset_index(drop=True)
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        with atomic_path(Path(out_dir) / filename) as tmp:
-            table.to_csv(tmp, index=False)
+        write_table(Path(out_dir) / filename, table)
     return table
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from fusion.features.extract import pick_device
 from fusion.models import create_model
-from fusion.storage import atomic_path, hash_config, write_json
+from fusion.storage import hash_config, write_json, write_table
 from fusion.survival import (
     concordance,
     cox_loss,
@@ -334,8 +334,7 @@ def _train_fold(bags: Bags, config: TrainConfig, k: int, train_idx: np.ndarray, 
                "history": history, "inputs_hash": hashes["inputs_hash"]}
     if not classify:
         metrics["train_risk_cutoffs"] = risk_cutoffs(train_risk)
-    with atomic_path(fold_dir / "predictions.parquet") as tmp:
-        preds.to_parquet(tmp, index=False)
+    write_table(fold_dir / "predictions.parquet", preds)
     write_json(fold_dir / "metrics.json", metrics)  # last: its inputs hash marks the fold as finished
     return metrics, preds
 
@@ -389,6 +388,5 @@ def cross_validate(bags: Bags, config: TrainConfig, out_dir: str | Path,
     else:
         summary["horizons"] = horizons
     write_json(out_dir / "cv_metrics.json", summary)
-    with atomic_path(out_dir / "predictions.parquet") as tmp:
-        pd.concat(all_preds).to_parquet(tmp, index=False)
+    write_table(out_dir / "predictions.parquet", pd.concat(all_preds))
     return summary
