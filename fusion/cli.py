@@ -60,6 +60,29 @@ def synth(
     console.print(f"cohort written to [bold]{out}[/]")
 
 
+@app.command()
+def example(
+    name: Annotated[str, typer.Argument(help="Example cohort: gbsg2, whas500, veterans, flchain, aids, lung.")],
+    out: Annotated[Path, typer.Option(help="Folder to write the cohort into.")],
+    run: Annotated[Path | None, typer.Option(help="Also start a run folder for it (no slides: train at once, "
+                                             "e.g. `fusion train RUN --model coxnet`).")] = None,
+) -> None:
+    """Write a cohort folder from real public data bundled with scikit-survival or lifelines (clinical only)."""
+    from fusion.examples import EXAMPLES, write_example
+
+    try:
+        folder = write_example(name, out)
+        if run is not None:
+            from fusion.run import init_run
+
+            init_run(run, folder)
+    except (FusionError, ValueError) as e:
+        _fail(e)
+    ex = EXAMPLES[name]
+    console.print(f"{ex.title}: cohort written to [bold]{folder}[/] ({ex.source})"
+                  + (f"; run folder [bold]{run}[/]" if run else ""))
+
+
 @cohort_app.command("validate")
 def cohort_validate(folder: Annotated[Path, typer.Argument(help="Cohort folder with cohort.yaml.")]) -> None:
     """Check cohort.yaml and every table; list every problem at once (file, line, column)."""

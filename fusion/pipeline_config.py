@@ -88,7 +88,9 @@ class AnalysisSection(_Frozen):
 
 class ReportSection(_Frozen):
     enabled: bool = True
-    model: str | None = None  # model folder whose predictions the reports show (default: the first model)
+    # model folder whose predictions the reports show; "best": the survival network with the highest
+    # fold-mean C-index of this run (baselines keep no weights to explain); default: the first model
+    model: str | None = None
     patients: list[str] | None = None  # default: every patient
     pdf: bool = False  # also print each report to PDF (needs Chromium; see `fusion doctor`)
 

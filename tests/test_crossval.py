@@ -213,3 +213,29 @@ def test_horizons_are_round_and_come_from_training_patients_only(run):
     # 90th percentile of event times 19.6 years: steps of 1 or 2 years would give more than 8 horizons
     assert nice_horizons(np.array([1.0, 2, 3, 4, 30]), np.ones(5), "years") == [5.0, 10.0, 15.0]
     assert nice_horizons(np.linspace(1, 400, 50), np.ones(50), "days") == [60.0, 120.0, 180.0, 240.0, 300.0, 360.0]
+
+
+def test_degenerate_but_legal_cohorts_are_reported_not_crashed(cohort_dir, tmp_path):
+    """A clinical variable with one level, and a model that puts everyone in one risk group: those
+    statistics are 'not estimable' with the reason; the rest of the analysis is produced."""
+    import shutil
+
+    root = tmp_path / "cohort"
+    shutil.copytree(cohort_dir, root)
+    patients = pd.read_csv(root / "patients.csv")
+    patients["grade"] = 2
+    patients.to_csv(root / "patients.csv", index=False)
+    layout = init_run(tmp_path / "run", root)
+    cohort = load_cohort(root)
+    ensure_fold_table(layout.root, cohort, 5, 0)
+    _fake_model(layout, "flat", cohort, 0.6, {k: (1.0, 0.0) for k in range(5)})  # every risk 1.0
+    _fake_model(layout, "plain", cohort, 0.6, {})
+    analyze_run(layout, cohort, n_boot=20)
+    models = {m["model"]: m for m in json.loads((layout.analysis / "metrics.json").read_text())["models"]}
+    flat, plain = models["flat"], models["plain"]
+    assert any("risk group" in k for k in flat["not_estimable"]) and flat["logrank_p"] is None
+    assert "hazard ratio of grade" in plain["not_estimable"]
+    assert "single level" in plain["not_estimable"]["hazard ratio of grade"]
+    assert plain["hr_high_vs_low"]["hr"] > 1 and plain["harrell_c"] > 0.6
+    html = (layout.analysis / "report.html").read_text()
+    assert "Not estimable: hazard ratio of grade" in html

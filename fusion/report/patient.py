@@ -216,6 +216,8 @@ class ReportContext:
             "clinical": self._clinical(explanations, i) if multimodal else [],
             "classification": self._classification(pid, i),
             "flags": self._flags(pid, i, risk, slides, explanations), "model": self._model_card(),
+            "explained_by": (f"by the fold {fold} model, which did not train on this patient" if fold is not None
+                             else f"averaged over the {len(chosen)} fold models (none trained on this patient)"),
             "time_unit": self.cohort.spec.time_unit, "created": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
             "data_uri": data_uri, "version": __version__,
         }

@@ -379,7 +379,7 @@ def cross_validate(bags: Bags, config: TrainConfig, out_dir: str | Path,
             raise ValueError("the cohort has no `label` column in cohort.yaml: cannot train a classifier")
         bags = bags.subset(np.flatnonzero(bags.label >= 0))
     if folds is None:
-        folds = make_fold_table(bags.ids, bags.event, config.folds, config.seed, bags.label)
+        folds = make_fold_table(bags.ids, bags.event, config.folds, config.seed)
     check_fold_table(folds, config)
     fold_metrics, all_preds = [], []
     config_hash = hash_config(asdict(config))
