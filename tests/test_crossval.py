@@ -239,3 +239,35 @@ def test_degenerate_but_legal_cohorts_are_reported_not_crashed(cohort_dir, tmp_p
     assert plain["hr_high_vs_low"]["hr"] > 1 and plain["harrell_c"] > 0.6
     html = (layout.analysis / "report.html").read_text()
     assert "Not estimable: hazard ratio of grade" in html
+
+
+def test_fold_models_load_by_number_and_must_match_the_manifest(tmp_path):
+    """With 11 folds, fold-10 comes after fold-9 (not after fold-1); a deleted, extra or foreign fold
+    folder is refused with what is wrong instead of silently changing patients' risk groups."""
+    import shutil
+
+    from fusion.errors import RunError
+    from fusion.train.checkpoint import fold_dirs
+
+    model = tmp_path / "abmil"
+    for k in range(11):
+        (model / f"fold-{k}").mkdir(parents=True)
+        (model / f"fold-{k}" / "model.safetensors").write_bytes(b"weights")
+        write_json(model / f"fold-{k}" / "config.json", {"config_hash": "c1", "fold_table": "t1"})
+    write_json(model / "cv_metrics.json", {"folds": 11, "config_hash": "c1", "fold_table": {"fingerprint": "t1"}})
+    assert [p.name for p in fold_dirs(model)] == [f"fold-{k}" for k in range(11)]
+
+    shutil.copytree(model / "fold-10", model / "fold-11")
+    with pytest.raises(RunError, match="unexpected fold"):
+        fold_dirs(model)
+    shutil.rmtree(model / "fold-11")
+    shutil.rmtree(model / "fold-3")
+    with pytest.raises(RunError, match=r"trained with 11 folds but has missing fold\(s\) 3"):
+        fold_dirs(model)
+    shutil.copytree(model / "fold-4", model / "fold-3")
+    write_json(model / "fold-3" / "config.json", {"config_hash": "other", "fold_table": "t1"})
+    with pytest.raises(RunError, match="another configuration"):
+        fold_dirs(model)
+    write_json(model / "fold-3" / "config.json", {"config_hash": "c1", "fold_table": "t2"})
+    with pytest.raises(RunError, match="another fold table"):
+        fold_dirs(model)
