@@ -69,7 +69,7 @@ def pipeline_from_config(config: PipelineConfig) -> dict:
     report_model = config.report_model
     if report_model == "best":  # by the fold-mean C-index of this run's networks
         report_model = best_network(Path(run) / "models", [m["evaluation"] for m in models])
-    reports = (report_stage(run, report_model, config.report.patients, config.report.pdf)
+    reports = (report_stage(run, report_model, config.report.patients, config.report.pdf, config.report.horizons)
                if config.report.enabled else [])
     summary = _summary(run, tiled, extracted, models, reports=reports, analysis=analysis is not None)
     for m in models:

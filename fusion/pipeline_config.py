@@ -93,6 +93,7 @@ class ReportSection(_Frozen):
     model: str | None = None
     patients: list[str] | None = None  # default: every patient
     pdf: bool = False  # also print each report to PDF (needs Chromium; see `fusion doctor`)
+    horizons: list[float] | None = None  # absolute risk by these times (cohort's unit); default 1, 3, 5 years
 
 
 class ServeSection(_Frozen):
