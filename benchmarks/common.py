@@ -63,6 +63,38 @@ print(json.dumps({{"base_rss_mib": _base}}))
 """
 
 
+def make_slide(name: str, px: int, mpp: float, seed: int = 1) -> Path:
+    """A synthetic slide with pen ink and debris under benchmarks/out/slides/, rendered once, with its
+    ground-truth label map beside it (`<name>.labels.png`, one pixel per `fusion.synth.LABEL_PX` level-0 px)."""
+    import cv2
+    import numpy as np
+
+    from fusion.synth import SynthConfig, render_slide
+
+    path = OUT / "slides" / f"{name}.tiff"
+    labels_path = path.with_suffix(".labels.png")
+    if path.exists() and labels_path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    config = SynthConfig(slide_px=px, mpp=mpp, pen_prob=1.0, region_um=300.0)
+    labels, _, _ = render_slide(path, np.array([0.3, 0.3, 0.15, 0.1, 0.15]), seed=seed, config=config)
+    cv2.imwrite(str(labels_path), labels)
+    print(f"rendered {path.name} in {time.perf_counter() - t:.0f} s", flush=True)
+    return path
+
+
+def load_average() -> float:
+    """1-minute load average: other jobs on the machine, said beside every figure."""
+    return round(os.getloadavg()[0], 2)
+
+
+def median(values: list[float]) -> float:
+    import statistics
+
+    return float(statistics.median(values))
+
+
 def write_results(name: str, rows: list[dict], columns: list[str], notes: str = "") -> Path:
     """benchmarks/results/<name>-<machine>.json and .md (a markdown table with the machine)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
