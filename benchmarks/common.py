@@ -36,15 +36,19 @@ def machine_tag() -> str:
     return f"{m['cores']}cpu-{'cuda' if m['cuda'] else 'nogpu'}"
 
 
-def run_isolated(code: str) -> dict:
+def run_isolated(code: str, baseline: str | None = None) -> dict:
     """Run `code` (which prints JSON objects, one a line) in a fresh interpreter, so that peak
-    memory belongs to that measurement alone. Snippets call `reset_peak()` (see RESET_PEAK) after
+    memory belongs to that measurement alone; `baseline` runs it against another version of `fusion`
+    (see `baseline_arg`). Snippets call `reset_peak()` (see RESET_PEAK) after
     their imports and print `base_rss_mib`, so the peak reported is that of the work, not imports."""
     wrapper = code + (
         "\nimport json as _j, re as _re\n"
         "_hwm = int(_re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
         "print(_j.dumps({'peak_rss_mib': _hwm / 1024}))\n")
-    done = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, check=False)
+    env = None
+    if baseline:  # another version of the code (a folder holding a `fusion` package) shadows the installed one
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [baseline, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-2000:])
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -82,6 +86,12 @@ def make_slide(name: str, px: int, mpp: float, seed: int = 1) -> Path:
     cv2.imwrite(str(labels_path), labels)
     print(f"rendered {path.name} in {time.perf_counter() - t:.0f} s", flush=True)
     return path
+
+
+def baseline_arg(parser) -> None:
+    """`--baseline DIR`: also measure, in the same rounds, the `fusion` package found in DIR, e.g. made by
+    `git archive <commit> fusion | tar -x -C DIR`: before/after figures under the same load."""
+    parser.add_argument("--baseline", help="folder holding another version's `fusion` package, measured alongside")
 
 
 def load_average() -> float:
