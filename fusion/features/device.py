@@ -39,6 +39,10 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device, non_blocking=pinned(device))
 
 
-def autocast(device: torch.device) -> AbstractContextManager:
-    """bf16 autocast on CUDA (half the memory traffic, tensor cores); a no-op context on CPU (fp32)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device: torch.device, precision: str = "auto") -> AbstractContextManager:
+    """bf16 autocast on CUDA (half the memory traffic, tensor cores), fp32 on CPU; `precision` "bf16" or
+    "fp32" forces either (bf16 on a CPU runs the CUDA path's numerics where there is no GPU, e.g. in tests)."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got '{precision}'")
+    enabled = device.type == "cuda" if precision == "auto" else precision == "bf16"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)

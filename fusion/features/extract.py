@@ -38,9 +38,17 @@ class ExtractConfig:
     num_workers: int = 0  # DataLoader worker processes; 0 reads in threads of this process
     read_threads: int = 1  # with num_workers == 0: threads decoding the next batches while the model runs
     device: str = "auto"  # "auto": CUDA when present, else CPU
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; "bf16" or "fp32" to force
     store_dtype: str = "float16"
     min_sharpness: float | None = None  # drop out-of-focus tiles below this Laplacian variance (None: keep all)
     stain_normalize: bool = False  # Macenko, estimated once per slide (fusion/features/stain.py)
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got '{self.precision}'")
+        if self.batch_size < 1 or self.num_workers < 0 or self.read_threads < 0:
+            raise ValueError(f"batch_size must be >= 1 and num_workers, read_threads >= 0; got {self.batch_size}, "
+                             f"{self.num_workers}, {self.read_threads}")
 
 
 __all__ = ["ExtractConfig", "TileDataset", "extract_slide", "pick_device", "read_features", "write_features"]
@@ -180,7 +188,7 @@ def extract_slide(
                     batch = normalizer(batch)
                 with torch.inference_mode():
                     sharpness[start : start + len(batch)] = laplacian_variance(batch).cpu().numpy()
-                    with autocast(device):
+                    with autocast(device, config.precision):
                         for enc in todo:
                             x = _resize(batch, enc.input_size)
                             feats[enc.name][start : start + len(batch)] = enc.model(x).float().cpu().numpy()
