@@ -81,7 +81,7 @@ r = extract_slide(slide, tiles, "bench", out, [enc], config, force=True)
 print(json.dumps({{"tiles_per_s": r["n_tiles"] / (time.perf_counter() - t)}}))
 """
 
-ENCODERS = {"morph": ("morph", 3000), "vit_small_patch16_224": ("timm:vit_small_patch16_224@random", 128)}
+ENCODERS = {"morph": ("morph", 3000), "vit_small_patch16_224": ("timm:vit_small_patch16_224@random", 64)}
 SLIDES = {"20x": ("20x-32k", 32_000, 0.5), "40x": ("40x-24k", 24_000, 0.25)}
 
 
