@@ -36,11 +36,12 @@ def machine_tag() -> str:
     return f"{m['cores']}cpu-{'cuda' if m['cuda'] else 'nogpu'}"
 
 
-def run_isolated(code: str, baseline: str | None = None) -> dict:
+def run_isolated(code: str, baseline: str | None = None, python: str | None = None) -> dict:
     """Run `code` (which prints JSON objects, one a line) in a fresh interpreter, so that peak
     memory belongs to that measurement alone; `baseline` runs it against another version of `fusion`
-    (see `baseline_arg`). Snippets call `reset_peak()` (see RESET_PEAK) after
-    their imports and print `base_rss_mib`, so the peak reported is that of the work, not imports."""
+    (see `baseline_arg`), `python` in another interpreter (another venv). Snippets call `reset_peak()`
+    (see RESET_PEAK) after their imports and print `base_rss_mib`, so the peak reported is that of the
+    work, not imports."""
     wrapper = code + (
         "\nimport json as _j, re as _re\n"
         "_hwm = int(_re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
@@ -48,7 +49,8 @@ def run_isolated(code: str, baseline: str | None = None) -> dict:
     env = None
     if baseline:  # another version of the code (a folder holding a `fusion` package) shadows the installed one
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [baseline, os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, check=False, env=env)
+    done = subprocess.run([python or sys.executable, "-c", wrapper], capture_output=True, text=True, check=False,
+                          env=env)
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-2000:])
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]

@@ -11,7 +11,11 @@ label map on the same grid: a tile is truly tissue when >= 50 % of it is tissue 
   recall     truly-tissue tiles kept / truly-tissue tiles        (target >= 0.95)
   precision  kept tiles that are truly tissue / kept tiles      (target >= 0.97)
   ink tiles  kept tiles with > 5 % pen ink                      (target 0)
-hs2p and lazyslide tile the same slide when they are installed (`pip install hs2p lazyslide`).
+hs2p and lazyslide tile the same slide at 0.5 um/px, 256 px, with their defaults, when a venv for them
+exists (they pin libraries of their own, so not in ours): `python3.11 -m venv benchmarks/out/venv-tilers &&
+benchmarks/out/venv-tilers/bin/pip install hs2p lazyslide openslide-bin` (or FUSION_TILERS_PYTHON=...).
+Their grids are anchored elsewhere, so their tiles are scored box by box: precision and ink tiles as
+above, recall as their truly-tissue tiles over the truly-tissue tiles of our grid (approximate).
 
     python benchmarks/tiling.py [--quick] [--repeats 5]
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -53,50 +58,94 @@ r = tile_slide({path!r}, "bench", {out!r}, TilingConfig(target_mpp=0.5, patch_si
 print(json.dumps({{"seconds": time.perf_counter() - t, "n_tiles": r["n_tiles"]}}))
 """
 
-# Other tilers, each in its own process; a tiler that is not installed is reported as such.
-HS2P = """
+# Other tilers, each in its own process of the tilers' venv; each prints seconds and its tiles' level-0 boxes.
+TILERS_PYTHON = os.environ.get("FUSION_TILERS_PYTHON", str(Path(__file__).resolve().parent / "out" / "venv-tilers"
+                                                          / "bin" / "python"))
+OTHERS = {
+    "hs2p": """
 import json, time
+from pathlib import Path
 import hs2p
 t = time.perf_counter()
-coords = hs2p.tile_slide({path!r}, target_spacing=0.5, tile_size=256)
-print(json.dumps({{"seconds": time.perf_counter() - t, "n_tiles": len(coords)}}))
-"""
+r = hs2p.tile_slide(hs2p.SlideSpec(sample_id="b", image_path=Path({path!r})),
+                    tiling=hs2p.TilingConfig(requested_spacing_um=0.5, requested_tile_size_px=256, tolerance=0.05,
+                                             overlap=0.0), segmentation=hs2p.SegmentationConfig(method="hsv"))
+seconds = time.perf_counter() - t
+print(json.dumps({{"seconds": seconds, "x": r.tiles.x.tolist(), "y": r.tiles.y.tolist(),
+                  "size0": int(r.tiles.tile_size_lv0)}}))
+""",
+    "lazyslide": """
+import json, time, warnings
+warnings.filterwarnings("ignore")
+import lazyslide as zs
+from wsidata import open_wsi
+t = time.perf_counter()
+wsi = open_wsi({path!r})
+zs.pp.find_tissues(wsi)
+zs.pp.tile_tissues(wsi, 256, mpp=0.5)
+seconds = time.perf_counter() - t
+b = wsi["tiles"].geometry.bounds
+print(json.dumps({{"seconds": seconds, "x": b.minx.astype(int).tolist(), "y": b.miny.astype(int).tolist(),
+                  "size0": int(round((b.maxx - b.minx).iloc[0]))}}))
+""",
+}
 
 
-def truth_scores(labels_path: Path, coords: np.ndarray, size0: int, level_dim: tuple[int, int]) -> dict:
-    """Recall, precision and ink tiles of `coords` (level-0 top-left, tiles of `size0` px) against the
-    label map (0 glass, 1..5 tissue, 6 pen, 7 debris; one label pixel = LABEL_PX level-0 px)."""
+def truth_fractions(labels_path: Path, boxes: np.ndarray, size0: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tissue, pen) fraction [N] of each level-0 box (x, y, size0 px) in the ground-truth label map
+    (0 glass, 1..5 tissue, 6 pen, 7 debris; one label pixel = LABEL_PX level-0 px)."""
     import cv2
 
     from fusion.synth import LABEL_PX, PEN
 
     labels = cv2.imread(str(labels_path), cv2.IMREAD_UNCHANGED)
-    tissue = ((labels >= 1) & (labels <= 5)).astype(np.uint8)
-    pen = (labels == PEN).astype(np.uint8)
+    h, w = labels.shape
+
+    def fraction(mask: np.ndarray) -> np.ndarray:
+        integral = cv2.integral(mask.astype(np.uint8), sdepth=cv2.CV_32S).astype(np.int64)
+        x0, y0 = (np.clip(boxes[:, i] // LABEL_PX, 0, n) for i, n in ((0, w), (1, h)))
+        x1, y1 = (np.clip((boxes[:, i] + size0) // LABEL_PX, 0, n) for i, n in ((0, w), (1, h)))
+        inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+        return inside / np.maximum((x1 - x0) * (y1 - y0), 1)
+
+    return fraction((labels >= 1) & (labels <= 5)), fraction(labels == PEN)
+
+
+def truth_scores(labels_path: Path, coords: np.ndarray, size0: int, level_dim: tuple[int, int],
+                 same_grid: bool = True) -> dict:
+    """Recall, precision and ink tiles of tiles `coords` (level-0 top-left, `size0` px) against the truth.
+    A tile is truly tissue with >= 50 % tissue and <= 5 % pen. `same_grid`: the tiles lie on our grid, so
+    recall is exact; otherwise it is the count of truly-tissue tiles over that of our grid."""
     w, h = level_dim
     xs, ys = np.meshgrid(np.arange(0, w - size0 + 1, size0), np.arange(0, h - size0 + 1, size0))
     grid = np.stack([xs.ravel(), ys.ravel()], 1)
-
-    def fraction(mask: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        integral = cv2.integral(mask, sdepth=cv2.CV_32S).astype(np.int64)
-        x0, y0 = boxes[:, 0] // LABEL_PX, boxes[:, 1] // LABEL_PX
-        x1, y1 = (boxes[:, 0] + size0) // LABEL_PX, (boxes[:, 1] + size0) // LABEL_PX
-        inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-        return inside / ((x1 - x0) * (y1 - y0))
-
-    truth = {tuple(c) for c in grid[(fraction(tissue, grid) >= 0.5) & (fraction(pen, grid) <= 0.05)]}
-    ours = {tuple(c) for c in coords}
-    hit = len(truth & ours)
-    return {"truth tiles": len(truth), "recall": hit / max(len(truth), 1), "precision": hit / max(len(ours), 1),
-            "ink tiles": int((fraction(pen, coords) > 0.05).sum()) if len(coords) else 0}
+    tissue, pen = truth_fractions(labels_path, grid, size0)
+    truth = {tuple(c) for c in grid[(tissue >= 0.5) & (pen <= 0.05)]}
+    coords = np.asarray(coords, np.int64).reshape(-1, 2)
+    tissue, pen = truth_fractions(labels_path, coords, size0) if len(coords) else (np.zeros(0), np.zeros(0))
+    good = (tissue >= 0.5) & (pen <= 0.05)
+    hit = len(truth & {tuple(c) for c in coords}) if same_grid else int(good.sum())
+    precision = float(good.mean()) if len(coords) else 0.0
+    return {"truth tiles": len(truth), "recall": hit / max(len(truth), 1), "precision": precision,
+            "ink tiles": int((pen > 0.05).sum())}
 
 
-def other_tiler(code: str, path: Path) -> str:
-    try:
-        r = run_isolated(code.format(path=str(path)))
-    except RuntimeError as e:
-        return "not installed" if "ModuleNotFoundError" in str(e) else f"failed: {str(e).splitlines()[-1][:80]}"
-    return f"{r['seconds']:.2f} s, {r['n_tiles']} tiles"
+def other_tilers(path: Path, level_dim: tuple[int, int]) -> list[dict]:
+    """Rows for hs2p and lazyslide on `path` (or why they did not run)."""
+    rows = []
+    for name, code in OTHERS.items():
+        if not Path(TILERS_PYTHON).exists():
+            rows.append({"tiler": name, "note": "not installed (see the docstring)"})
+            continue
+        try:
+            r = run_isolated(code.format(path=str(path)), python=TILERS_PYTHON)
+        except RuntimeError as e:
+            rows.append({"tiler": name, "note": f"failed: {str(e).strip().splitlines()[-1][:100]}"})
+            continue
+        coords = np.stack([r["x"], r["y"]], 1) if r["x"] else np.zeros((0, 2), np.int64)
+        scores = truth_scores(path.with_suffix(".labels.png"), coords, r["size0"], level_dim, same_grid=False)
+        rows.append({"tiler": name, "seconds": r["seconds"], "tiles": len(coords), **scores})
+    return rows
 
 
 def main() -> None:
@@ -107,7 +156,7 @@ def main() -> None:
     args = parser.parse_args()
     from fusion.wsi import read_coords
 
-    rows = []
+    rows, others = [], []
     for name, (px, mpp) in (QUICK if args.quick else SLIDES).items():
         path = make_slide(name, px, mpp)
         out = tempfile.mkdtemp()
@@ -133,15 +182,27 @@ def main() -> None:
             **({"baseline tiling / read": median(base_ratios)} if base_ratios else {}), **scores,
             "meets targets": bool(ratio <= TARGET_RATIO and scores["recall"] >= TARGET_RECALL
                                   and scores["precision"] >= TARGET_PRECISION and scores["ink tiles"] == 0),
-            "hs2p": other_tiler(HS2P, path), "load avg": f"{min(loads):.1f}-{max(loads):.1f}",
+            "load avg": f"{min(loads):.1f}-{max(loads):.1f}",
         })
+        for other in other_tilers(path, tuple(int(v) for v in attrs["level_dim"])):
+            others.append({"slide": name, **other, "tiling / read": other["seconds"] / median(reads)
+                           if "seconds" in other else ""})
         print(json.dumps(rows[-1]), flush=True)
     notes = (f"Median of {args.repeats} rounds; in each round the read and the tiling run one after the other, each "
              "in a fresh process (opening the slide included, imports excluded), and the ratio is taken within the "
              f"round. Tiles of 256 px at 0.5 um/px; tissue at 8 um/px. Targets: tiling / read <= {TARGET_RATIO}, "
              f"recall >= {TARGET_RECALL}, precision >= {TARGET_PRECISION}, no tile with > 5 % ink. 'load avg' is "
              "the machine's 1-minute load average during the rounds (other jobs share the 2 cores).")
+    if others:
+        columns = ["tiler", "tiles", "seconds", "tiling / read", "recall", "precision", "ink tiles", "note"]
+        notes += "\n\nOther tilers on the same slides (one run each, their defaults; recall approximate):\n\n"
+        notes += "| slide | " + " | ".join(columns) + " |\n|" + "---|" * (len(columns) + 1) + "\n"
+        notes += "\n".join("| " + " | ".join(_cell(o.get(c, "")) for c in ["slide", *columns]) + " |" for o in others)
     print(write_results("tiling" + ("-quick" if args.quick else ""), rows, list(rows[0]), notes).read_text())
+
+
+def _cell(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 if __name__ == "__main__":
