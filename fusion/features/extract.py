@@ -126,6 +126,7 @@ def tile_batches(dataset: TileDataset, config: ExtractConfig, device: torch.devi
                               pin_memory=device.type == "cuda", multiprocessing_context="forkserver")
         return
     starts = range(0, n, size)
+    dataset._handle()  # opened here, once, not by two reader threads racing
     if config.read_threads <= 0:
         for start in starts:
             yield dataset.batch(start, min(n, start + size), device)
