@@ -49,8 +49,10 @@ def run_isolated(code: str, baseline: str | None = None, python: str | None = No
     env = None
     if baseline:  # another version of the code (a folder holding a `fusion` package) shadows the installed one
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [baseline, os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([python or sys.executable, "-c", wrapper], capture_output=True, text=True, check=False,
-                          env=env)
+    # -P: no current directory on sys.path, or a run from the repository would import its `fusion`, not the
+    # baseline's (PYTHONPATH comes after the current directory).
+    done = subprocess.run([python or sys.executable, "-P", "-c", wrapper], capture_output=True, text=True,
+                          check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-2000:])
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]

@@ -43,20 +43,21 @@ READERS = {
 }
 
 SNIPPET = """
-import json, time, numpy as np
+import json, os, time, numpy as np
 import openslide
 path = {path!r}
 regions = {regions!r}
 {setup}
 timed = regions[{checked}:] or regions
 read(*timed[0])
-t = time.perf_counter()
+c, t = os.times(), time.perf_counter()
 n = 0
 while n < {reads}:  # synthetic slides: every region once (no reader's cache can serve a repeat)
     for r in timed:
         read(*r)
     n += len(timed)
-rate = n / (time.perf_counter() - t)
+rate, c2 = n / (time.perf_counter() - t), os.times()
+cpu_ms = (c2.user + c2.system - c.user - c.system) / n * 1000
 ref = openslide.OpenSlide(path)
 same = True
 for x, y, l, w, h in regions[:max({checked}, len(regions) if not {checked} else 0)]:
@@ -64,7 +65,7 @@ for x, y, l, w, h in regions[:max({checked}, len(regions) if not {checked} else 
     a = a if a.shape[-1] == 3 else np.where(a[..., 3:] == 0, 255, a[..., :3])
     b = np.where(b[..., 3:] == 0, 255, b[..., :3])  # outside the scanned area: white, as fusion reads it
     same &= a.shape == b.shape and bool(np.array_equal(a, b))
-print(json.dumps({{"reads_per_s": rate, "same": same}}))
+print(json.dumps({{"reads_per_s": rate, "cpu_ms": cpu_ms, "same": same}}))
 """
 
 
@@ -101,19 +102,19 @@ def measure(path: Path, regions: list, reads: int, repeats: int, checked: int = 
                 results[name].append(run_isolated(SNIPPET.format(path=str(path), regions=regions, setup=setup,
                                                                   reads=reads, checked=checked)))
             except RuntimeError as e:
-                last = str(e).strip().splitlines()[-1]
-                results[name] = ["not installed" if "ModuleNotFoundError" in last else f"fails: {last[:60]}"]
+                last = str(e).strip().splitlines()[-1].replace(str(ROOT) + "/", "")
+                results[name] = ["not installed" if "ModuleNotFoundError" in last else f"fails: {last[:70]}"]
     row = {}
     for name, runs in results.items():
         if isinstance(runs[0], str):
             row[name] = runs[0]
             continue
-        rate = median([r["reads_per_s"] for r in runs])
-        row[name] = f"{rate:,.0f}/s" + ("" if all(r["same"] for r in runs) else " (pixels differ)")
-        row[f"_{name}"] = rate
+        rate, cpu = median([r["reads_per_s"] for r in runs]), median([r["cpu_ms"] for r in runs])
+        row[name] = f"{cpu:.3g} ms, {rate:,.0f}/s" + ("" if all(r["same"] for r in runs) else " (pixels differ)")
+        row[f"_{name}"] = cpu
     base = row.get("_openslide")
     fast = row.get("_fusion-tiles")
-    row["fusion-tiles / openslide"] = round(fast / base, 2) if base and fast else ""
+    row["openslide / fusion-tiles (CPU)"] = round(base / fast, 2) if base and fast else ""
     return row
 
 
@@ -145,7 +146,10 @@ def main() -> None:
     for r in rows:
         for k in [k for k in r if k.startswith("_")]:
             del r[k]
-    notes = (f"Median of {args.repeats} rounds, each reader in a fresh process per round, one thread. Reads of the "
+    notes = (f"CPU time per read (user + system, all the process's threads) and reads/s of wall time; median of "
+             f"{args.repeats} rounds, each reader in a fresh process per round, called from one thread (tiffslide's "
+             "zarr and fastslide run threads of their own). CPU time is the figure to compare on a shared machine: "
+             "wall time follows the load. Reads of the "
              "synthetic slides: fusion's tissue tiles (256 px at 0.5 um/px) in tile order, each read once (1,000 on "
              "the 20x slide, 400 on the 40x one), so no reader's tile cache serves a repeat; 50 other tiles are "
              "compared with openslide's pixels. The test slides are tiny: read whole, every level, "

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine  # noqa: E402
 
-BENCHMARKS = ["tiling.py", "readers.py", "extraction.py", "augment.py", "training.py", "reports.py"]
+BENCHMARKS = ["startup.py", "tiling.py", "readers.py", "extraction.py", "augment.py", "training.py", "reports.py"]
 
 
 def collect(here: Path) -> str:
