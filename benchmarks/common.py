@@ -36,15 +36,23 @@ def machine_tag() -> str:
     return f"{m['cores']}cpu-{'cuda' if m['cuda'] else 'nogpu'}"
 
 
-def run_isolated(code: str) -> dict:
+def run_isolated(code: str, baseline: str | None = None, python: str | None = None) -> dict:
     """Run `code` (which prints JSON objects, one a line) in a fresh interpreter, so that peak
-    memory belongs to that measurement alone. Snippets call `reset_peak()` (see RESET_PEAK) after
-    their imports and print `base_rss_mib`, so the peak reported is that of the work, not imports."""
+    memory belongs to that measurement alone; `baseline` runs it against another version of `fusion`
+    (see `baseline_arg`), `python` in another interpreter (another venv). Snippets call `reset_peak()`
+    (see RESET_PEAK) after their imports and print `base_rss_mib`, so the peak reported is that of the
+    work, not imports."""
     wrapper = code + (
         "\nimport json as _j, re as _re\n"
         "_hwm = int(_re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
         "print(_j.dumps({'peak_rss_mib': _hwm / 1024}))\n")
-    done = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, check=False)
+    env = None
+    if baseline:  # another version of the code (a folder holding a `fusion` package) shadows the installed one
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [baseline, os.environ.get("PYTHONPATH")]))}
+    # -P: no current directory on sys.path, or a run from the repository would import its `fusion`, not the
+    # baseline's (PYTHONPATH comes after the current directory).
+    done = subprocess.run([python or sys.executable, "-P", "-c", wrapper], capture_output=True, text=True,
+                          check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-2000:])
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -61,6 +69,44 @@ open('/proc/self/clear_refs', 'w').write('5')
 _base = int(_re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) / 1024
 print(json.dumps({{"base_rss_mib": _base}}))
 """
+
+
+def make_slide(name: str, px: int, mpp: float, seed: int = 1) -> Path:
+    """A synthetic slide with pen ink and debris under benchmarks/out/slides/, rendered once, with its
+    ground-truth label map beside it (`<name>.labels.png`, one pixel per `fusion.synth.LABEL_PX` level-0 px)."""
+    import cv2
+    import numpy as np
+
+    from fusion.synth import SynthConfig, render_slide
+
+    path = OUT / "slides" / f"{name}.tiff"
+    labels_path = path.with_suffix(".labels.png")
+    if path.exists() and labels_path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    config = SynthConfig(slide_px=px, mpp=mpp, pen_prob=1.0, region_um=300.0)
+    labels, _, _ = render_slide(path, np.array([0.3, 0.3, 0.15, 0.1, 0.15]), seed=seed, config=config)
+    cv2.imwrite(str(labels_path), labels)
+    print(f"rendered {path.name} in {time.perf_counter() - t:.0f} s", flush=True)
+    return path
+
+
+def baseline_arg(parser) -> None:
+    """`--baseline DIR`: also measure, in the same rounds, the `fusion` package found in DIR, e.g. made by
+    `git archive <commit> fusion | tar -x -C DIR`: before/after figures under the same load."""
+    parser.add_argument("--baseline", help="folder holding another version's `fusion` package, measured alongside")
+
+
+def load_average() -> float:
+    """1-minute load average: other jobs on the machine, said beside every figure."""
+    return round(os.getloadavg()[0], 2)
+
+
+def median(values: list[float]) -> float:
+    import statistics
+
+    return float(statistics.median(values))
 
 
 def write_results(name: str, rows: list[dict], columns: list[str], notes: str = "") -> Path:

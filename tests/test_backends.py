@@ -77,3 +77,47 @@ def test_huge_single_level_is_shrunk_in_bands(tmp_path):
         banded, d2 = segmentation_image(slide, 8.0, max_band_pixels=2000 * 100)
     assert whole.shape == banded.shape == (94, 125, 3) and d1 == d2 == 16
     np.testing.assert_array_equal(whole, banded)
+
+
+def _regions(backend, rng, n=12):
+    """Random reads at every level: inside, across tile borders and running off the edge (level-0 locations
+    that map to whole pixels of the level, as the tiler's grid does)."""
+    out = []
+    for level, (w, h) in enumerate(backend.level_dimensions):
+        d = int(round(backend.level_downsamples[level]))
+        for _ in range(n):
+            x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+            out.append(((x * d, y * d), level, (int(rng.integers(1, 300)), int(rng.integers(1, 300)))))
+    return out
+
+
+@pytest.mark.parametrize("name", ["synthetic", "small.svs", "boxes.tiff"])
+def test_stored_tiles_give_openslides_pixels(name, openslide_fixtures, tiny_cohort):
+    """The fast path (stored tiles decoded directly) returns exactly openslide's pixels, white outside,
+    on our JPEG pyramids, an Aperio SVS (shared JPEG tables) and a deflate generic TIFF; and it really
+    decodes the tiles itself: openslide is asked only where a level's downsample is not a whole number
+    (there openslide interpolates, so the read is left to it)."""
+    from fusion.wsi.backends import create_backend
+
+    path = next((tiny_cohort / "slides").glob("*.tiff")) if name == "synthetic" else openslide_fixtures / name
+    reference, fast = create_backend("openslide", path), create_backend("tiles", path)
+    assert sorted(fast.direct) == list(range(len(reference.level_dimensions)))
+    asked = []
+    read_region = fast.handle.read_region
+    fast.handle.read_region = lambda *a: asked.append(a[1]) or read_region(*a)
+    for r in _regions(reference, np.random.default_rng(1)):
+        np.testing.assert_array_equal(fast.read_rgb(*r), reference.read_rgb(*r), err_msg=str(r))
+    whole = {lv for lv, d in enumerate(reference.level_downsamples) if d == int(d)}
+    assert whole and not whole & set(asked), (whole, set(asked))
+    reference.close()
+    fast.close()
+
+
+def test_formats_without_plain_tiled_levels_stay_with_openslide(openslide_fixtures):
+    from fusion.wsi.backends import create_backend
+
+    with open_slide(openslide_fixtures / "boxes_0.dcm") as dicom:  # DICOM: openslide reads every pixel
+        assert dicom.backend.name == "tiles" and dicom.backend.direct == {}
+        np.testing.assert_array_equal(dicom.read_rgb((0, 0), 0, (16, 16)),
+                                      create_backend("openslide", openslide_fixtures / "boxes_0.dcm")
+                                      .read_rgb((0, 0), 0, (16, 16)))

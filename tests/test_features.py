@@ -146,3 +146,83 @@ def test_extraction_with_stain_normalisation(tiny_cohort, tmp_path):
     norm, _, attrs = read_features(tmp_path / "norm" / "morph" / f"{row.slide_id}.h5")
     assert attrs["encoder_version"].endswith("+macenko") and not result["skipped"]
     assert np.isfinite(norm).all() and not np.allclose(raw, norm)
+
+
+def test_reader_threads_processes_and_openslide_give_the_same_tiles_and_features(tiny_cohort, tmp_path):
+    """Tiles read through the stored-tile path equal openslide's; features do not depend on how tiles are
+    read (no thread, a reader thread, two, worker processes)."""
+    from fusion.features.extract import TileDataset
+    from fusion.wsi import read_coords
+
+    row, path, tiles = _tiled_slide(tiny_cohort, 2, tmp_path)
+    coords, attrs = read_coords(tiles)
+    fast = TileDataset(path, coords, attrs, 128, mpp=0.5)
+    slow = TileDataset(path, coords, attrs, 128, mpp=0.5, backend="openslide")
+    assert fast._handle().backend.direct and not hasattr(slow._handle().backend, "direct")
+    for i in range(0, len(coords), max(1, len(coords) // 10)):
+        torch.testing.assert_close(fast[i], slow[i], rtol=0, atol=0)
+    enc = [create_encoder("morph")]
+    feats = []
+    configs = [ExtractConfig(read_threads=0, batch_size=16), ExtractConfig(read_threads=2, batch_size=4),
+               ExtractConfig(num_workers=1, batch_size=16)]
+    for k, config in enumerate(configs):
+        extract_slide(path, tiles, row.slide_id, tmp_path / str(k), enc, config)
+        feats.append(read_features(tmp_path / str(k) / "morph" / f"{row.slide_id}.h5")[0])
+    np.testing.assert_array_equal(feats[0], feats[1])
+    np.testing.assert_array_equal(feats[0], feats[2])
+
+
+def test_cuda_code_path_runs_on_cpu(tiny_cohort, tmp_path):
+    """bf16 autocast (what CUDA runs) on the CPU gives features close to fp32, through the same loop."""
+    row, path, tiles = _tiled_slide(tiny_cohort, 0, tmp_path)
+    enc = [create_encoder("timm:vit_tiny_patch16_224@random")]
+    for precision in ("fp32", "bf16"):
+        extract_slide(path, tiles, row.slide_id, tmp_path / precision, enc,
+                      ExtractConfig(precision=precision, batch_size=8))
+    fp32, _, _ = read_features(tmp_path / "fp32" / enc[0].name / f"{row.slide_id}.h5")
+    bf16, _, _ = read_features(tmp_path / "bf16" / enc[0].name / f"{row.slide_id}.h5")
+    assert not np.array_equal(fp32, bf16)  # bf16 really ran
+    cosine = (fp32 * bf16).sum(1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(bf16, axis=1))
+    assert cosine.min() > 0.99, cosine.min()
+    with pytest.raises(ValueError, match="precision must be"):
+        ExtractConfig(precision="fp16")
+
+
+class _HostTensor:
+    """Stands in for a CPU tensor: records what `to_device` does with it (no GPU on the test machine)."""
+
+    def __init__(self, pinned: bool):
+        self.device, self.pinned, self.calls = torch.device("cpu"), pinned, []
+
+    def is_pinned(self) -> bool:
+        return self.pinned
+
+    def pin_memory(self):
+        self.calls.append("pin_memory")
+        self.pinned = True
+        return self
+
+    def to(self, device, non_blocking=False):
+        self.calls.append(("to", str(device), non_blocking))
+        return self
+
+
+def test_copies_to_cuda_are_pinned_and_non_blocking(monkeypatch):
+    from fusion.features import device as dev
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    x = _HostTensor(pinned=False)
+    dev.to_device(x, cuda)
+    assert x.calls == ["pin_memory", ("to", "cuda", True)]
+    y = _HostTensor(pinned=True)  # a buffer from host_buffer(): no second copy into pinned memory
+    dev.to_device(y, cuda)
+    assert y.calls == [("to", "cuda", True)]
+    z = torch.ones(3)
+    assert dev.to_device(z, cpu) is z  # on the CPU nothing is copied
+    asked = {}
+    monkeypatch.setattr(dev.torch, "empty", lambda shape, dtype, pin_memory: asked.update(pin=pin_memory))
+    dev.host_buffer((2, 3), torch.uint8, cuda)
+    assert asked == {"pin": True}
+    dev.host_buffer((2, 3), torch.uint8, cpu)
+    assert asked == {"pin": False}
+    assert dev.pick_device("cpu") == cpu and dev.pick_device("auto") == (cuda if torch.cuda.is_available() else cpu)

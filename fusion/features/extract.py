@@ -1,15 +1,21 @@
-"""Streaming feature extraction: read tiles once with openslide, feed one or more encoders.
+"""Streaming feature extraction: read tiles once, feed one or more encoders.
 
-DataLoader workers each open their own openslide handle (handles are not fork-safe to share)
-and ship uint8 tiles; the main process moves batches to the device (pinned memory and
-non-blocking copies on CUDA, bf16 autocast there) and stores float16 features. Output is written
-atomically, so a killed run never leaves a file that looks complete; a rerun skips slides whose
-features match the current tiles and encoder version.
+By default a reader thread decodes the next batches while the encoders run on the current one: the
+slide's stored JPEG tiles are decoded directly where the file allows (`fusion.wsi.backends`, libjpeg-turbo
+releases the GIL), so one thread keeps up with the model and no worker process has to start. With
+`num_workers > 0`, DataLoader worker processes read instead, each with its own slide handle (for
+formats only openslide reads, whose per-read cost is higher). Batches reach the device through
+`fusion.features.device` (pinned memory and non-blocking copies, bf16 autocast on CUDA) and float16
+features are stored. Output is written atomically, so a killed run never leaves a file that looks
+complete; a rerun skips slides whose features match the current tiles and encoder version.
 """
 
 from __future__ import annotations
 
 import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from fusion.features.device import autocast, host_buffer, pick_device, to_device
 from fusion.features.encoders import Encoder
 from fusion.storage import atomic_path, hash_config
 from fusion.wsi.slide import Slide, open_slide
@@ -28,17 +35,23 @@ from fusion.wsi.tiling import read_coords
 @dataclass(frozen=True)
 class ExtractConfig:
     batch_size: int = 128
-    num_workers: int = 0  # DataLoader worker processes; 0 reads in the calling thread
+    num_workers: int = 0  # DataLoader worker processes; 0 reads in threads of this process
+    read_threads: int = 1  # with num_workers == 0: threads decoding the next batches while the model runs
     device: str = "auto"  # "auto": CUDA when present, else CPU
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; "bf16" or "fp32" to force
     store_dtype: str = "float16"
     min_sharpness: float | None = None  # drop out-of-focus tiles below this Laplacian variance (None: keep all)
     stain_normalize: bool = False  # Macenko, estimated once per slide (fusion/features/stain.py)
 
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got '{self.precision}'")
+        if self.batch_size < 1 or self.num_workers < 0 or self.read_threads < 0:
+            raise ValueError(f"batch_size must be >= 1 and num_workers, read_threads >= 0; got {self.batch_size}, "
+                             f"{self.num_workers}, {self.read_threads}")
 
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+
+__all__ = ["ExtractConfig", "TileDataset", "extract_slide", "pick_device", "read_features", "write_features"]
 
 
 class TileDataset(Dataset):
@@ -48,8 +61,9 @@ class TileDataset(Dataset):
     """
 
     def __init__(self, slide_path: str | Path, coords: np.ndarray, attrs: dict, out_size: int,
-                 mpp: float | None = None):
+                 mpp: float | None = None, backend: str = "auto"):
         self.slide_path = str(slide_path)
+        self.backend = backend
         self.coords = coords
         self.level = int(attrs["patch_level"])
         self.size0 = int(attrs["patch_size_level0"])
@@ -60,7 +74,7 @@ class TileDataset(Dataset):
 
     def _handle(self) -> Slide:
         if self._slide is None or self._pid != os.getpid():  # one handle per worker process
-            self._slide = open_slide(self.slide_path, mpp=self.mpp or 1.0)
+            self._slide = open_slide(self.slide_path, mpp=self.mpp or 1.0, backend=self.backend)
             self._pid = os.getpid()
         return self._slide
 
@@ -72,15 +86,59 @@ class TileDataset(Dataset):
             self._slide.close()
             self._slide = None
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def tile(self, i: int, out: np.ndarray | None = None) -> np.ndarray:
+        """RGB uint8 [S, S, 3] of tile `i`, written into `out` when given."""
         slide = self._handle()
         read = max(1, int(round(self.size0 / slide.level_downsamples[self.level])))
         x, y = (int(v) for v in self.coords[i])
         rgb = slide.read_rgb((x, y), self.level, (read, read))
         if read != self.out_size:
             interp = cv2.INTER_AREA if read > self.out_size else cv2.INTER_LINEAR
-            rgb = cv2.resize(rgb, (self.out_size, self.out_size), interpolation=interp)
-        return torch.from_numpy(rgb).permute(2, 0, 1)
+            return cv2.resize(rgb, (self.out_size, self.out_size), dst=out, interpolation=interp)
+        if out is None:
+            return rgb
+        out[:] = rgb
+        return out
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self.tile(i)).permute(2, 0, 1)
+
+    def batch(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
+        """uint8 [B, 3, S, S] of tiles start..stop-1 (contiguous; pinned when bound for CUDA)."""
+        s = self.out_size
+        hwc = np.empty((stop - start, s, s, 3), np.uint8)
+        for k, i in enumerate(range(start, stop)):
+            self.tile(i, hwc[k])
+        out = host_buffer((stop - start, 3, s, s), torch.uint8, device)
+        return out.copy_(torch.from_numpy(hwc).permute(0, 3, 1, 2))
+
+
+def tile_batches(dataset: TileDataset, config: ExtractConfig, device: torch.device) -> Iterator[torch.Tensor]:
+    """uint8 [B, 3, S, S] batches in tile order, on the host, read ahead of the consumer.
+
+    Threads (the default) share one slide handle: the stored-tile decoder and openslide are both
+    thread-safe and release the GIL while decoding. Worker processes (`num_workers`) each open their own
+    (forkserver: a fresh process, not a fork of one that runs Prefect's threads, which can deadlock).
+    """
+    n, size = len(dataset), config.batch_size
+    if config.num_workers > 0:
+        yield from DataLoader(dataset, batch_size=size, num_workers=config.num_workers, shuffle=False,
+                              pin_memory=device.type == "cuda", multiprocessing_context="forkserver")
+        return
+    starts = range(0, n, size)
+    dataset._handle()  # opened here, once, not by two reader threads racing
+    if config.read_threads <= 0:
+        for start in starts:
+            yield dataset.batch(start, min(n, start + size), device)
+        return
+    with ThreadPoolExecutor(config.read_threads, thread_name_prefix="fusion-read") as pool:
+        pending: deque = deque()
+        for start in starts:
+            pending.append(pool.submit(dataset.batch, start, min(n, start + size), device))
+            if len(pending) > config.read_threads:  # keep one batch per thread in flight, no more
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def extract_slide(
@@ -123,23 +181,21 @@ def extract_slide(
         out_size = max(enc.input_size for enc in todo)
         dataset = TileDataset(slide_path, coords, attrs, out_size, mpp=float(attrs["level0_mpp"]))
         normalizer = _fit_normalizer(dataset).to(device) if config.stain_normalize else None
-        # forkserver: workers start from a clean process, not a fork of one that runs threads
-        # (Prefect's task runner and API client), which can deadlock or die in the child.
-        loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers,
-                            pin_memory=device.type == "cuda", shuffle=False,
-                            multiprocessing_context="forkserver" if config.num_workers > 0 else None)
         start = 0
-        for batch in loader:
-            batch = batch.to(device, non_blocking=True)
-            if normalizer is not None:
-                batch = normalizer(batch)
-            sharpness[start : start + len(batch)] = laplacian_variance(batch).cpu().numpy()
-            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                         enabled=device.type == "cuda"):
-                for enc in todo:
-                    x = _resize(batch, enc.input_size)
-                    feats[enc.name][start : start + len(batch)] = enc.model(x).float().cpu().numpy()
-            start += len(batch)
+        try:
+            for batch in tile_batches(dataset, config, device):
+                batch = to_device(batch, device)
+                if normalizer is not None:
+                    batch = normalizer(batch)
+                with torch.inference_mode():
+                    sharpness[start : start + len(batch)] = laplacian_variance(batch).cpu().numpy()
+                    with autocast(device, config.precision):
+                        for enc in todo:
+                            x = _resize(batch, enc.input_size)
+                            feats[enc.name][start : start + len(batch)] = enc.model(x).float().cpu().numpy()
+                start += len(batch)
+        finally:
+            dataset.close()
     keep = np.ones(len(coords), bool) if config.min_sharpness is None else sharpness >= config.min_sharpness
     for enc in todo:
         write_features(Path(outputs[enc.name]), feats[enc.name][keep], coords[keep],

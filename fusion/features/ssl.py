@@ -205,7 +205,7 @@ def pretrain(tiles: torch.Tensor, config: PretrainConfig, out_dir: str | Path,
     """Train on uint8 tiles [N, 3, S, S]; write `out_dir/model.safetensors` + `config.json`."""
     from safetensors.torch import save_file
 
-    from fusion.features.extract import pick_device
+    from fusion.features.device import autocast, pick_device
 
     torch.manual_seed(config.seed)
     device = pick_device(config.device)
@@ -227,7 +227,7 @@ def pretrain(tiles: torch.Tensor, config: PretrainConfig, out_dir: str | Path,
             lr = config.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
             for g in opt.param_groups:
                 g["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device):
                 loss = model.loss(augment(batch, config.size), augment(batch, config.size))
             opt.zero_grad(set_to_none=True)
             loss.backward()

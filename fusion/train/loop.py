@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fusion.errors import RunError
-from fusion.features.extract import pick_device
+from fusion.features.device import autocast, pick_device, to_device
 from fusion.models import create_model
 from fusion.storage import hash_config, write_json, write_table
 from fusion.survival import concordance, cox_loss, discrete_time_bins, nll_survival_loss
@@ -113,8 +113,8 @@ def predict_risk(model: torch.nn.Module, bags: Bags, device: torch.device, batch
     for start in range(0, len(bags), batch_size):
         x, mask = collate(bags.features[start : start + batch_size], None, None)
         tab = tabular_batch(bags, slice(start, start + batch_size), device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            result = model(x.to(device), mask.to(device), **tab)
+        with autocast(device):
+            result = model(to_device(x, device), to_device(mask, device), **tab)
         if hazards:
             out.append(hazards_from_logits(result["logits"]).cpu().numpy())
         elif "risk" in result:
@@ -192,8 +192,8 @@ def fit(bags: Bags, val: Bags, config: TrainConfig, seed: int,
                 continue  # no risk set to learn from
             x, mask = collate([bags.features[i] for i in idx], config.max_tiles, rng)
             tab = tabular_batch(bags, idx, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out = model(x.to(device), mask.to(device), **tab)
+            with autocast(device):
+                out = model(to_device(x, device), to_device(mask, device), **tab)
             loss = _loss(out, time_t[idx].to(device), event_t[idx].to(device), label_t[idx].to(device),
                          config.loss_fn, None if edges is None else edges.to(device),
                          None if weight_t is None else weight_t[idx].to(device))

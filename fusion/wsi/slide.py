@@ -83,7 +83,9 @@ class Slide:
 def open_slide(path: str | Path, mpp: float | None = None, backend: str = "auto") -> Slide:
     """Open `path`; raise `SlideReadError` naming the file and the reason.
 
-    With `backend="auto"`, openslide first; a TIFF that openslide refuses is retried with tifffile.
+    With `backend="auto"`, openslide first, with stored tiles decoded directly where the file allows
+    (backend `tiles`); a TIFF that openslide refuses is retried with tifffile. `backend="openslide"`
+    forces openslide for every read.
     """
     path = Path(path)
     if not path.is_file():
@@ -109,7 +111,7 @@ def _open_backend(path: Path, backend: str) -> SlideBackend:
         except Exception as e:
             raise SlideReadError(path, f"{backend} cannot open it: {e}") from None
     try:
-        reader = create_backend("openslide", path)
+        reader = create_backend("tiles", path)
         if not _is_ome(reader):
             return reader
         # openslide reads an OME-TIFF as a flat generic TIFF: no SubIFD pyramid, no OME resolution.

@@ -30,7 +30,7 @@ class TissueConfig:
     min_hole_area_um2: float = 0.02e6  # fill holes smaller than this
     remove_pen: bool = True
     pen_margin_um: float = 16.0  # ink edges bleed: tissue this close to ink is dropped
-    max_white: int = 235  # pixels brighter than this in every channel are glass
+    max_white: int = 235  # unused: glass is what is neither stained nor denser than the glass (kept: configs set it)
 
 
 PRESETS: dict[str, TissueConfig] = {
@@ -67,31 +67,34 @@ def segment(rgb: np.ndarray, mpp: float, config: TissueConfig = TissueConfig()) 
     sat = hsv[..., 1]
 
     ink = pen_mask(hsv) if config.remove_pen else np.zeros(rgb.shape[:2], bool)
-    near_ink = ink
+    near_ink = None
     if ink.any():
         k = _odd(2 * px(config.pen_margin_um) + 1)
         near_ink = cv2.dilate(ink.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))) > 0
 
-    # cv2.inRange is an all-channels test: "not all channels >= x" is "some channel below x".
-    not_white = cv2.inRange(smooth, (config.max_white,) * 3, (255, 255, 255)) == 0
-    valid = ~near_ink
-    otsu, _ = cv2.threshold(sat[valid].reshape(-1, 1) if valid.any() else sat, 0, 255,
+    # Glass needs no test of its own: it is neither stained nor denser than the glass colour.
+    otsu, _ = cv2.threshold(sat if near_ink is None else sat[~near_ink].reshape(-1, 1), 0, 255,
                             cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     threshold = min(max(otsu, config.min_saturation), config.max_saturation_threshold)
-    stained = sat > threshold
+    stained = cv2.compare(sat, threshold, cv2.CMP_GT)  # uint8 0/255: cv2's masks, no bool round trips
     if config.min_density > 0:
-        # max_c log(glass_c / pixel_c) > d  <=>  some channel below glass_c * exp(-d): no log, no float image
+        # max_c log(glass_c / pixel_c) > d  <=>  some channel below glass_c * exp(-d): no log, no float image.
+        # cv2.inRange is an all-channels test, so "some channel below the floor" is its complement.
         floor = np.ceil(glass_colour(smooth, sat) * np.exp(-config.min_density)).clip(0, 255)
-        pale = (cv2.inRange(smooth, tuple(float(f) for f in floor), (255, 255, 255)) == 0) & ~stained
+        pale = cv2.bitwise_not(cv2.inRange(smooth, tuple(float(f) for f in floor), (255, 255, 255)))
         # A low density floor also catches the one-pixel rim where stained tissue blends into glass;
         # an opening keeps pale regions (fat) and drops that rim, so borders are not pushed outwards.
-        pale = cv2.morphologyEx(pale.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)) > 0
-        stained |= pale
-    mask = (stained & ~near_ink & (not_white | stained)).astype(np.uint8)
+        pale = cv2.morphologyEx(cv2.bitwise_and(pale, cv2.bitwise_not(stained)), cv2.MORPH_OPEN,
+                                np.ones((3, 3), np.uint8))
+        stained = cv2.bitwise_or(stained, pale)
+    mask = (stained > 0).view(np.uint8)
+    if near_ink is not None:
+        mask[near_ink] = 0
 
     k = _odd(px(config.close_um))
     mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
-    mask[near_ink] = 0
+    if near_ink is not None:
+        mask[near_ink] = 0
     mask = _filter_areas(mask, config.min_tissue_area_um2 / mpp**2, config.min_hole_area_um2 / mpp**2)
     return mask, ink
 
@@ -107,7 +110,7 @@ def pen_mask(hsv: np.ndarray) -> np.ndarray:
 
 def glass_colour(rgb: np.ndarray, sat: np.ndarray) -> np.ndarray:
     """RGB of the bare glass: median of bright, unsaturated pixels (white if there are too few)."""
-    step = max(1, int(np.sqrt(rgb.shape[0] * rgb.shape[1] / 250_000)))  # a sample is enough for a median
+    step = max(1, int(np.sqrt(rgb.shape[0] * rgb.shape[1] / 60_000)))  # a sample is enough for a median
     rgb, sat = rgb[::step, ::step], sat[::step, ::step]
     grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     candidates = (sat < 20) & (grey > 200)
