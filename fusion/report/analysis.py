@@ -96,7 +96,7 @@ def analyze_survival(model_dir: Path, oof: OutOfFold, cohort: Cohort, scheme: st
     calibration = _calibration(oof, horizons, cohort, n_boot, seed, result) if horizons else None
 
     groups = stats.risk_groups(training_percentile(oof), scheme)
-    km = stats.kaplan_meier(time, event, groups)
+    km = stats.kaplan_meier(time, event, groups, cohort.spec.time_unit)
     result.update(risk_groups=scheme, cutoff_source="training folds", kaplan_meier=km, logrank_p=km["logrank_p"])
     if len(km["groups"]) < 2:
         missing["log-rank test, hazard ratio of the risk group"] = (

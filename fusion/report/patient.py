@@ -195,7 +195,7 @@ class ReportContext:
                            "risk groups cannot be placed without looking at the test folds; retrain it")
         spec = training_spec(trained) or cohort.spec
         reference_km = stats.kaplan_meier(oof.preds["time"], oof.preds["event"],
-                                          stats.risk_groups(training_percentile(oof), groups))
+                                          stats.risk_groups(training_percentile(oof), groups), spec.time_unit)
         chosen = report_horizons(stats.usable_times(oof.preds["time"], oof.preds["event"], oof.common_horizons),
                                  spec.time_unit, horizons)
         grid = np.round(np.linspace(0, max(chosen) * 1.25, 61), 6)

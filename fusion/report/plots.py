@@ -70,7 +70,27 @@ def km_figure(km: dict, time_unit: str, title: str = "", patient: dict | None = 
     ax.set_ylim(0, 1.02)
     ax.set_xlim(left=0)
     ax.legend(frameon=False, fontsize=7.5, loc="lower left")
+    _at_risk_table(fig, ax, km.get("at_risk"))
     return fig
+
+
+def _at_risk_table(fig, ax, at_risk: dict | None) -> None:
+    """Numbers at risk per group under the x axis, at the axis' own tick times."""
+    if not at_risk or not at_risk.get("counts"):
+        return
+    ticks = at_risk["time"]
+    ax.set_xticks(ticks)
+    ax.set_xlim(0, max(ticks[-1], ax.get_xlim()[1]))
+    groups = list(at_risk["counts"])
+    fig.subplots_adjust(bottom=0.18 + 0.05 * len(groups))
+    for row, group in enumerate(groups):
+        y = -0.30 - 0.09 * row
+        ax.text(-0.07, y, group, transform=ax.transAxes, ha="right", va="center", fontsize=7,
+                color=GROUP_COLOURS.get(group, "#333"))
+        for t, n in zip(ticks, at_risk["counts"][group], strict=True):
+            ax.text(t, y, str(n), transform=ax.get_xaxis_transform(), ha="center", va="center", fontsize=7)
+    ax.text(-0.07, -0.30 + 0.08, "at risk", transform=ax.transAxes, ha="right", va="center", fontsize=7,
+            color="#555")
 
 
 def calibration_figure(calibrations: dict[str, list[dict]], time_unit: str):
@@ -131,15 +151,33 @@ def td_auc_figure(curves: dict[str, tuple[list[float], list[float]]], time_unit:
 
 def forest_figure(table: pd.DataFrame):
     """Hazard ratios with 95% CI on a log axis (one row per term)."""
-    fig, ax = plt.subplots(figsize=(4.6, 0.35 * len(table) + 0.8))
+    from matplotlib.ticker import FixedLocator, NullFormatter
+
+    fig, ax = plt.subplots(figsize=(5.2, 0.38 * len(table) + 0.9))
     y = np.arange(len(table))[::-1]
     ax.errorbar(table["hr"], y, xerr=[table["hr"] - table["ci_low"], table["ci_high"] - table["hr"]],
                 fmt="s", color="#333", capsize=2, ms=4)
     ax.axvline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log")
-    ax.set_yticks(y, table["term"])
-    ax.set_xlabel("hazard ratio (95% CI)")
+    labels = [_term_label(t, r) for t, r in zip(table["term"], table.get("reference", [""] * len(table)),
+                                                  strict=True)]
+    ax.set_yticks(y, labels)
+    low, high = float(np.nanmin(table["ci_low"])), float(np.nanmax(table["ci_high"]))
+    ticks = [v for v in (0.0625, 0.125, 0.25, 0.5, 1, 2, 4, 8, 16, 32) if low / 2 <= v <= high * 2] or [1]
+    ax.set_xlim(min(low, 1) / 1.25, max(high, 1) * 1.25)
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticklabels([f"{v:g}" for v in ticks])
+    ax.set_xlabel("hazard ratio (95% CI, log scale)")
     return fig
+
+
+def _term_label(term: str, reference: str) -> str:
+    """'grade=3' with reference '1' -> 'grade 3 vs 1'; numeric terms: 'age (per unit)'."""
+    if "=" not in term:
+        return f"{term} (per unit)"
+    name, level = term.split("=", 1)
+    return f"{name} {level} vs {reference}" if reference else f"{name} {level}"
 
 
 def roc_figure(y: np.ndarray, score: np.ndarray, title: str):

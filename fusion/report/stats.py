@@ -111,7 +111,7 @@ def risk_groups(percentile: np.ndarray, scheme: str = "median") -> np.ndarray:
 GROUP_ORDER = ["low", "intermediate", "high"]
 
 
-def kaplan_meier(time, event, groups) -> dict:
+def kaplan_meier(time, event, groups, unit: str | None = None) -> dict:
     """Kaplan-Meier curve with its 95% band per group, and the log-rank test across groups (lifelines)."""
     from lifelines import KaplanMeierFitter
     from lifelines.statistics import multivariate_logrank_test
@@ -130,7 +130,39 @@ def kaplan_meier(time, event, groups) -> dict:
     p = float("nan")
     if len(curves) > 1:
         p = float(multivariate_logrank_test(time, groups, event).p_value)
-    return {"groups": curves, "logrank_p": p}
+    ticks = at_risk_times(time, unit)
+    at_risk = {g: [int(((groups == g) & (time >= t)).sum()) for t in ticks] for g in curves}
+    return {"groups": curves, "logrank_p": p, "at_risk": {"time": ticks, "counts": at_risk}}
+
+
+def at_risk_times(time: np.ndarray, unit: str | None = None, n: int = 6) -> list[float]:
+    """Round tick times from 0 across the follow-up (multiples of 12 months, of a year in days...),
+    where the numbers at risk are counted."""
+    from fusion.survival.horizons import NICE_STEPS
+
+    top = float(np.max(time)) if len(time) else 0.0
+    if top <= 0:
+        return [0.0]
+    for step in NICE_STEPS.get(unit or "", []):
+        if top // step <= n:
+            return [float(step * i) for i in range(int(top // step) + 1)]
+    raw = top / n
+    magnitude = 10 ** np.floor(np.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    return [float(round(step * i, 6)) for i in range(int(top // step) + 1)]
+
+
+def reference_levels(frame: pd.DataFrame, kinds: dict[str, str]) -> dict[str, str]:
+    """The reference (first) level of each categorical column, against which its hazard ratios are read."""
+    out = {}
+    for col, kind in kinds.items():
+        if kind != "numeric":
+            values = frame[col].astype("string").dropna()
+            levels = [g for g in GROUP_ORDER if g in set(values)] if col == "risk_group" else \
+                _natural_order(values.unique().tolist())
+            if levels:
+                out[col] = str(levels[0])
+    return out
 
 
 def design_matrix(frame: pd.DataFrame, kinds: dict[str, str]) -> pd.DataFrame:
@@ -198,7 +230,10 @@ def cox_hazard_ratios(time, event, frame: pd.DataFrame, kinds: dict[str, str]) -
     for col, kind in kinds.items():
         fit({col: kind}, "univariate")
     fit(kinds, "multivariate")
-    return pd.DataFrame(rows, columns=["analysis", "term", "hr", "ci_low", "ci_high", "p", "n", "events"]), skipped
+    table = pd.DataFrame(rows, columns=["analysis", "term", "hr", "ci_low", "ci_high", "p", "n", "events"])
+    refs = reference_levels(frame, kinds)
+    table["reference"] = [refs.get(t.split("=", 1)[0], "") if "=" in t else "" for t in table["term"]]
+    return table, skipped
 
 
 def auc_of(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> float:
