@@ -584,6 +584,9 @@ def serve(
                 result = score_inbox(str(config.resolve()))
             console.print(f"{len(result['patients'])} patient(s) scored"
                           + (f" into {result['predictions']}" if result["patients"] else ""))
+            for pid, why in sorted(result["failed_patients"].items()):
+                err.print(f"[yellow]failed[/] {escape(pid)}: {escape(why)} (moved to the inbox's failed/"
+                          f"{result['batch']}/)", highlight=False)
             return
         if work_pool:
             serve_scoring(config, cron, name, work_pool)
