@@ -204,6 +204,7 @@ def train_stage(layout: RunLayout, cohort: Cohort, config: TrainConfig, on_epoch
         return summary
 
     fail_missing_slides(layout, cohort, "train", config.tile_set)  # their features describe files that are gone
+    _drop_damaged_features(layout, cohort, config)
     bags, missing = load_bags(layout, cohort, config.encoder, config.tile_set,
                               keep_without_tiles=config.model in MULTIMODAL or config.model in BASELINES)
     if config.task == "survival":  # patients whose outcome is not known yet are scored, never trained on
@@ -222,6 +223,18 @@ def train_stage(layout: RunLayout, cohort: Cohort, config: TrainConfig, on_epoch
     layout.ledger.record("train", out.name, "done", outputs=[str(out)], config=asdict(config), inputs_hash=inputs_hash,
                          score=summary.get("c_index_mean", summary.get("auc_mean")), excluded=missing)
     return summary
+
+
+def _drop_damaged_features(layout: RunLayout, cohort: Cohort, config: TrainConfig) -> None:
+    """A features file that cannot be read (a torn copy) is that slide's failure, not the model's: it
+    moves to RUN/stale/ and training goes on without it (`fusion extract` makes it again)."""
+    for sid in map(str, cohort.slides.slide_id):
+        for enc in config.encoder.split("+"):
+            path = layout.features_h5(enc, sid, config.tile_set)
+            if path.exists() and "features" not in _h5_info(path)["shapes"]:
+                stale = quarantine(layout, [path])
+                layout.ledger.record("train", sid, "failed", error=f"features file {path} cannot be read; "
+                                     f"run `fusion extract {layout.root}` to make it again", stale=stale)
 
 
 def evaluate_stage(layout: RunLayout, cohort: Cohort, model: str) -> dict:
