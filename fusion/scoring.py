@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import re
 import shutil
@@ -30,7 +29,7 @@ import pandas as pd
 from fusion.cohort import COHORT_FILE, Cohort, CohortSpec, load_cohort, load_spec, read_table
 from fusion.errors import CohortError
 from fusion.run import RunLayout
-from fusion.storage import atomic_path, write_table, write_text
+from fusion.storage import atomic_path, read_json, write_table, write_text
 
 FAILED = "failed"  # INBOX/failed/<batch>/: the rows and files of patients that failed, and reason.txt
 _ROLES = ("slides", "patients", "genomics")
@@ -285,7 +284,7 @@ def merge_predictions(layout: RunLayout, model: str, scores: pd.DataFrame, batch
 
 def model_encoder(model_dir: str | Path) -> tuple[str, str]:
     """(encoder, tile set) a trained model's features came from, read from its first fold's config."""
-    config = json.loads((Path(model_dir) / "fold-0" / "config.json").read_text())
+    config = read_json(Path(model_dir) / "fold-0" / "config.json")
     return config["encoder"], config.get("train_config", {}).get("tile_set", "")
 
 

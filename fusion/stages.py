@@ -7,6 +7,7 @@ a summary with status 'failed', so one corrupt file does not stop a cohort. The 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -25,7 +26,7 @@ from fusion.errors import FusionError, RunError, storage_error
 from fusion.features import ExtractConfig, create_encoder, extract_slide
 from fusion.features.encoders import Encoder
 from fusion.run import RunLayout
-from fusion.storage import file_fingerprint, hash_config, write_json
+from fusion.storage import file_fingerprint, hash_config, read_json, write_json
 from fusion.train.data import load_bags
 from fusion.train.evaluate import evaluate_predictions
 from fusion.train.loop import TrainConfig, cross_validate
@@ -199,9 +200,10 @@ def train_stage(layout: RunLayout, cohort: Cohort, config: TrainConfig, on_epoch
     out = layout.model_dir(config.model if config.task == "survival" else f"{config.model}-classification")
     inputs_hash = training_inputs_hash(layout, cohort, config)
     if not force and _stamp_matches(out / TRAIN_STAMP, inputs_hash) and (out / "cv_metrics.json").exists():
-        summary = {**json.loads((out / "cv_metrics.json").read_text()), "skipped": True}
-        layout.ledger.record("train", out.name, "skipped", inputs_hash=inputs_hash, outputs=[str(out)])
-        return summary
+        with contextlib.suppress(ValueError):  # a damaged summary is made again by training
+            summary = {**read_json(out / "cv_metrics.json"), "skipped": True}
+            layout.ledger.record("train", out.name, "skipped", inputs_hash=inputs_hash, outputs=[str(out)])
+            return summary
 
     fail_missing_slides(layout, cohort, "train", config.tile_set)  # their features describe files that are gone
     _drop_damaged_features(layout, cohort, config)

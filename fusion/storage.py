@@ -76,6 +76,14 @@ def write_json(path: str | os.PathLike, obj: Any, durable: bool = False) -> Path
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n", durable)
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON in `path`; a damaged file raises ValueError naming it (a torn copy, an edit gone wrong)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged (not valid JSON: {e}); restore it or make it again") from None
+
+
 def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):  # numpy / torch scalars
         return obj.item()

@@ -28,7 +28,6 @@ def _snapshot(root: Path, skip: Path | None = None) -> dict[str, tuple[int, int]
 
 
 def _clean(result, allowed: tuple[int, ...] = (0, 1, 2)) -> None:
-    print("\nCASE", result.exit_code, [ln[:230] for ln in result.output.splitlines() if ln.startswith(("error", "failed"))][:3])
     """A result or one clear error: a known exit code, no traceback, and when it failed one `error:` line."""
     assert result.exit_code in allowed, f"exit {result.exit_code}: {result.output[-3000:]}"
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fusion.models import create_model
-from fusion.storage import _json_default, atomic_path, write_json
+from fusion.storage import _json_default, atomic_path, read_json, write_json
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -40,7 +40,7 @@ def config_digest(config: dict) -> str:
 def load_checkpoint(folder: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
     """(model in eval mode, config). Refuses weights whose hash differs from the config's."""
     folder = Path(folder)
-    config = json.loads((folder / CONFIG).read_text())
+    config = read_json(folder / CONFIG)
     data = (folder / WEIGHTS).read_bytes()
     if hashlib.sha256(data).hexdigest() != config.get("weights_sha256"):
         raise ValueError(f"{folder / WEIGHTS} does not match the sha256 in {CONFIG}: refusing to load")

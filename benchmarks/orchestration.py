@@ -1,0 +1,147 @@
+"""Orchestration overhead per slide under Prefect, against the per-slide work (issue 17, item 3).
+
+The same tiling and extraction are run side by side, in this order, on 2 workers: plain threads
+calling the library (no Prefect), the Prefect stage flow with one task per slide, and the flow with
+its default batching (several slides per task). The Prefect server is started and warmed up before
+any timing. Overhead per slide = (flow wall time - plain wall time) / slides; the work per slide is
+the plain run's wall time x workers / slides. Each pair is measured `--repeats` times; the
+smallest time of each variant is kept (other processes on a shared machine only add time).
+
+    python benchmarks/orchestration.py [--cohort data/demo/cohort] [--patients 80] [--repeats 2]
+
+Without `--cohort`, a cohort with the demo's slides (`fusion synth` defaults: 4096 px, 0.5 um/px)
+is made once in benchmarks/out/orch-cohort.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import OUT, write_results  # noqa: E402
+
+LIMIT = 0.20  # issue 17: overhead per slide <= 20 % of the per-slide work
+WORKERS = 2
+
+
+def _cohort(args) -> Path:
+    if args.cohort:
+        return Path(args.cohort)
+    from fusion.synth import SynthConfig, synthesize_cohort
+
+    target = OUT / "orch-cohort"
+    if not (target / "cohort.yaml").exists():
+        synthesize_cohort(target, SynthConfig(patients=args.patients, seed=0))
+    return target
+
+
+def _plain(stage: str, cohort: Path, run: Path) -> float:
+    """The stage's library calls on WORKERS threads, no orchestrator: wall seconds."""
+    from fusion.run import init_run, open_run
+    from fusion.stages import build_encoders, extract_one, slide_rows, tile_one
+    from fusion.wsi import TilingConfig
+
+    init_run(run, cohort)
+    layout, c = open_run(run)
+    rows = slide_rows(c)
+    encoders = build_encoders(["morph"]) if stage == "extract" else None
+    start = time.perf_counter()
+    with ThreadPoolExecutor(WORKERS) as pool:
+        if stage == "tile":
+            list(pool.map(lambda r: tile_one(layout, r[0], r[1], TilingConfig()), rows))
+        else:
+            list(pool.map(lambda r: extract_one(layout, r[0], r[1], encoders), rows))
+    return time.perf_counter() - start
+
+
+def _flow(stage: str, cohort: Path, run: Path, slides_per_task: int | None) -> tuple[float, int]:
+    """The stage's Prefect flow on WORKERS threads: (wall seconds, task runs)."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.extraction import extract_cohort
+    from flows.tiling import tile_cohort
+    from fusion.run import init_run
+    from fusion.stages import slide_batches, slide_rows
+    from fusion.wsi import TilingConfig
+
+    init_run(run, cohort)
+    runner = ThreadPoolTaskRunner(max_workers=WORKERS)
+    from fusion.run import open_run
+
+    n = len(slide_rows(open_run(run)[1]))
+    start = time.perf_counter()
+    if stage == "tile":
+        tile_cohort.with_options(task_runner=runner)(str(cohort), str(run), TilingConfig(),
+                                                     slides_per_task=slides_per_task)
+    else:
+        extract_cohort.with_options(task_runner=runner)(str(run), ["morph"], slides_per_task=slides_per_task)
+    return time.perf_counter() - start, len(slide_batches(list(range(n)), slides_per_task))
+
+
+def _fresh(root: Path, name: str, tiles_from: Path | None) -> Path:
+    run = root / name
+    shutil.rmtree(run, ignore_errors=True)
+    if tiles_from is not None:  # extraction starts from finished tiles
+        shutil.copytree(tiles_from / "tiles", run / "tiles")
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cohort", default=None)
+    parser.add_argument("--patients", type=int, default=80)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="(make bench --quick) 1 repeat")
+    args = parser.parse_args()
+    repeats = 1 if args.quick else args.repeats
+    cohort = _cohort(args)
+
+    from prefect import flow
+
+    from flows.server import prefect_api
+    from fusion.cohort import load_cohort
+
+    n_slides = len(load_cohort(cohort).slides)
+    root = OUT / "orch-runs"
+    rows = []
+    with prefect_api():
+        flow(name="warm-up")(lambda: None)()  # the server's first flow run pays its own start-up
+        tiles_source = None
+        for stage in ("tile", "extract"):
+            best: dict[str, float] = {}
+            tasks: dict[str, int] = {}
+            for _ in range(repeats):
+                run = _fresh(root, f"{stage}-plain", tiles_source)
+                best["plain"] = min(best.get("plain", 1e9), _plain(stage, cohort, run))
+                for variant, per_task in (("prefect, 1 slide per task", 1), ("prefect, batched (default)", None)):
+                    seconds, tasks[variant] = _flow(stage, cohort, _fresh(root, f"{stage}-flow", tiles_source),
+                                                    per_task)
+                    best[variant] = min(best.get(variant, 1e9), seconds)
+            tiles_source = root / "tile-plain"
+            work = best["plain"] * WORKERS / n_slides
+            rows.append({"stage": stage, "variant": "plain threads (no Prefect)", "slides": n_slides, "tasks": "",
+                         "wall_s": best["plain"], "work_per_slide_s": work, "overhead_per_slide_s": "",
+                         "overhead_fraction": "", "limit": "", "met": ""})
+            for variant in ("prefect, 1 slide per task", "prefect, batched (default)"):
+                overhead = (best[variant] - best["plain"]) * WORKERS / n_slides
+                rows.append({"stage": stage, "variant": variant, "slides": n_slides, "tasks": tasks[variant],
+                             "wall_s": best[variant], "work_per_slide_s": work, "overhead_per_slide_s": overhead,
+                             "overhead_fraction": overhead / work, "limit": LIMIT,
+                             "met": "yes" if overhead / work <= LIMIT else "no"})
+            print(rows[-3:], flush=True)
+    columns = ["stage", "variant", "slides", "tasks", "wall_s", "work_per_slide_s", "overhead_per_slide_s",
+               "overhead_fraction", "limit", "met"]
+    notes = (f"{WORKERS} workers (threads) in every variant; the Prefect server started and warmed up before timing; "
+             f"best of {repeats}. Overhead per slide = (flow - plain) wall time x workers / slides, judged against "
+             "the plain run's work per slide (wall x workers / slides).")
+    print(write_results("orchestration", rows, columns, notes).read_text())
+
+
+if __name__ == "__main__":
+    main()
