@@ -7,10 +7,14 @@ any timing. Overhead per slide = (flow wall time - plain wall time) / slides; th
 the plain run's wall time x workers / slides. Each pair is measured `--repeats` times; the
 smallest time of each variant is kept (other processes on a shared machine only add time).
 
-    python benchmarks/orchestration.py [--cohort data/demo/cohort] [--patients 80] [--repeats 2]
+    python benchmarks/orchestration.py [--cohort data/demo/cohort] [--patients 30] [--slides 311] [--repeats 2]
 
 Without `--cohort`, a cohort with the demo's slides (`fusion synth` defaults: 4096 px, 0.5 um/px)
-is made once in benchmarks/out/orch-cohort.
+is made once in benchmarks/out/orch-cohort; its slides are then listed as many times as needed to
+reach `--slides` (the demo cohort's 311 by default; each listing a hard link under its own id), so
+the fixed cost of a stage flow is spread over as many slides as on the demo cohort. A fourth
+variant gives each worker one task: what remains is the flow's fixed cost (start, validation,
+planning), apart from the cost per task.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import OUT, write_results  # noqa: E402
 
+VARIANTS = (("prefect, 1 slide per task", 1), ("prefect, batched (default)", None),
+            ("prefect, 1 task per worker", -1))
 LIMIT = 0.20  # issue 17: overhead per slide <= 20 % of the per-slide work
 WORKERS = 2
 
@@ -38,6 +44,30 @@ def _cohort(args) -> Path:
     target = OUT / "orch-cohort"
     if not (target / "cohort.yaml").exists():
         synthesize_cohort(target, SynthConfig(patients=args.patients, seed=0))
+    return target
+
+
+def _expand(source: Path, n: int) -> Path:
+    """A cohort of `n` slide rows cycling over the slides of `source` (hard links, new ids)."""
+    import os
+
+    import pandas as pd
+
+    target = OUT / f"orch-{n}-slides"
+    if (target / "cohort.yaml").exists():
+        return target
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("slides", "truth"))
+    slides = pd.read_csv(source / "slides.csv", dtype={"slide_id": str, "patient_id": str})
+    rows = []
+    for i in range(n):
+        row = slides.iloc[i % len(slides)]
+        sid = f"{row.slide_id}-{i // len(slides)}"
+        path = Path("slides") / f"{sid}{Path(row.path).suffix}"
+        (target / path).parent.mkdir(parents=True, exist_ok=True)
+        os.link(source / row.path, target / path)
+        rows.append({"slide_id": sid, "patient_id": row.patient_id, "path": str(path)})
+    pd.DataFrame(rows).to_csv(target / "slides.csv", index=False)
     return target
 
 
@@ -95,12 +125,15 @@ def _fresh(root: Path, name: str, tiles_from: Path | None) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cohort", default=None)
-    parser.add_argument("--patients", type=int, default=80)
+    parser.add_argument("--patients", type=int, default=30)
+    parser.add_argument("--slides", type=int, default=311, help="slide rows (the demo cohort has 311)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="(make bench --quick) 1 repeat")
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
     cohort = _cohort(args)
+    if args.slides and not args.cohort:
+        cohort = _expand(cohort, 100 if args.quick else args.slides)
 
     from prefect import flow
 
@@ -119,7 +152,8 @@ def main() -> None:
             for _ in range(repeats):
                 run = _fresh(root, f"{stage}-plain", tiles_source)
                 best["plain"] = min(best.get("plain", 1e9), _plain(stage, cohort, run))
-                for variant, per_task in (("prefect, 1 slide per task", 1), ("prefect, batched (default)", None)):
+                for variant, per_task in VARIANTS:
+                    per_task = -(-n_slides // WORKERS) if per_task == -1 else per_task
                     seconds, tasks[variant] = _flow(stage, cohort, _fresh(root, f"{stage}-flow", tiles_source),
                                                     per_task)
                     best[variant] = min(best.get(variant, 1e9), seconds)
@@ -128,13 +162,13 @@ def main() -> None:
             rows.append({"stage": stage, "variant": "plain threads (no Prefect)", "slides": n_slides, "tasks": "",
                          "wall_s": best["plain"], "work_per_slide_s": work, "overhead_per_slide_s": "",
                          "overhead_fraction": "", "limit": "", "met": ""})
-            for variant in ("prefect, 1 slide per task", "prefect, batched (default)"):
+            for variant, _ in VARIANTS:
                 overhead = (best[variant] - best["plain"]) * WORKERS / n_slides
                 rows.append({"stage": stage, "variant": variant, "slides": n_slides, "tasks": tasks[variant],
                              "wall_s": best[variant], "work_per_slide_s": work, "overhead_per_slide_s": overhead,
                              "overhead_fraction": overhead / work, "limit": LIMIT,
                              "met": "yes" if overhead / work <= LIMIT else "no"})
-            print(rows[-3:], flush=True)
+            print(rows[-len(VARIANTS) - 1:], flush=True)
     columns = ["stage", "variant", "slides", "tasks", "wall_s", "work_per_slide_s", "overhead_per_slide_s",
                "overhead_fraction", "limit", "met"]
     notes = (f"{WORKERS} workers (threads) in every variant; the Prefect server started and warmed up before timing; "

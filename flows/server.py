@@ -56,7 +56,10 @@ def prefect_api(timeout: float = START_TIMEOUT) -> Iterator[str]:
         try:
             _wait_healthy(server, url, timeout, errors)
             with temporary_settings(updates={PREFECT_API_URL: url}):
-                yield url
+                try:
+                    yield url
+                finally:
+                    _drain()
         finally:
             server.terminate()
             try:
@@ -64,6 +67,25 @@ def prefect_api(timeout: float = START_TIMEOUT) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
+
+
+def _drain() -> None:
+    """Send Prefect's queued logs and events while the server still answers (else: errors at exit)."""
+    import inspect
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain() -> None:
+        for worker in (APILogWorker, EventsWorker):
+            with contextlib.suppress(RuntimeError):  # a worker that never started
+                result = worker.drain_all()
+                if inspect.isawaitable(result):
+                    await result
+
+    with contextlib.suppress(Exception):  # best effort: never mask the command's own outcome
+        run_coro_as_sync(drain())
 
 
 def _command(port: int) -> list[str]:
