@@ -168,7 +168,7 @@ def _fail(inbox, cohort_dir: Path, layout, model: str, reasons: dict[str, str], 
 
 def _markdown(result: dict, scores: list[dict]) -> str:
     reports = {Path(p).stem: Path(p).resolve().as_uri() for p in result["reports"]}
-    value = "risk" if scores and "risk" in scores[0] else "predicted"
+    value = "risk_percentile" if scores and "risk_percentile" in scores[0] else "predicted"
     lines = [f"Batch {result['batch']}: {len(scores)} patient(s) scored into `{result['predictions']}`", "",
              f"| patient | {value} | report |", "|---|---|---|"]
     for s in scores:

@@ -125,6 +125,11 @@ class PipelineConfig(_Frozen):
         folders = [m.folder for m in models]
         if len(set(folders)) != len(folders):
             raise ValueError(f"models: each model folder once, got {folders}")
+        # one fold table per run: every model is cross-validated on the same folds
+        splits = {(m.model_dump().get("folds", 5), m.model_dump().get("seed", 0)) for m in models}
+        if len(splits) > 1:
+            raise ValueError(f"models: every model of a run uses the run's fold table, so all must give the same "
+                             f"folds and seed; got (folds, seed) {sorted(splits)}")
         return models
 
     @property

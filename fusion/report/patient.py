@@ -25,13 +25,13 @@ from fusion.cohort import Cohort, check_id
 from fusion.errors import RunError, storage_error
 from fusion.features.extract import read_features
 from fusion.report import plots, stats
-from fusion.report.analysis import fold_percentiles, percentile_of
 from fusion.report.explain import FoldExplanation, explain_patient
 from fusion.report.html import data_uri, render
 from fusion.report.slide_images import slide_pictures
 from fusion.run import RunLayout
 from fusion.storage import write_text
-from fusion.train.checkpoint import load_checkpoint
+from fusion.survival.crossval import load_out_of_fold, percentile_of, training_percentile
+from fusion.train.checkpoint import fold_dirs, load_checkpoint
 from fusion.train.data import Bags, Preprocessor, load_bags
 from fusion.train.loop import MULTIMODAL, survival_at
 from fusion.wsi.tiling import read_coords
@@ -78,14 +78,11 @@ class TrainedModel:
 
 
 def load_trained(directory: Path) -> TrainedModel:
-    checkpoints = sorted(directory.glob("fold-*/model.safetensors"))
-    if not checkpoints:
-        raise RunError(f"no fold checkpoints (fold-*/model.safetensors) in {directory}; baselines keep no weights, "
-                       "so reports need a trained network (e.g. `fusion train RUN --model biofusion`)")
+    """Every fold of a model, in fold order and checked against its training manifest (`fold_dirs`)."""
     folds = []
-    for weights in checkpoints:
-        model, config = load_checkpoint(weights.parent)
-        metrics_path = weights.parent / "metrics.json"
+    for folder in fold_dirs(directory):
+        model, config = load_checkpoint(folder)
+        metrics_path = folder / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
         folds.append(Fold(model, config, metrics, Preprocessor.from_state(config["preprocessor"])))
     oof_path = directory / "predictions.parquet"
@@ -176,7 +173,11 @@ class ReportContext:
         oof = trained.oof
         if oof is None or not len(oof):
             raise RunError(f"{trained.directory} has no out-of-fold predictions: the cohort reference is missing")
-        pct, _ = fold_percentiles(trained.directory, oof)
+        out_of_fold = load_out_of_fold(trained.directory)
+        if not out_of_fold.has_cutoffs:
+            raise RunError(f"{trained.directory} was trained before folds stored their training risks: "
+                           "risk groups cannot be placed without looking at the test folds; retrain it")
+        pct = training_percentile(out_of_fold)
         reference_km = stats.kaplan_meier(oof["time"], oof["event"], stats.risk_groups(pct, groups))
         failures = {}
         for e in layout.ledger.entries():
@@ -198,12 +199,18 @@ class ReportContext:
         i = self.index[pid]
         features = self.bags.features[i]
         multimodal = self.trained.config["model"] in MULTIMODAL
+        # A patient of the training cohort is explained by the one fold model that never trained on
+        # them; a new patient by every fold model (none trained on them).
+        fold = self._oof_fold(pid)
+        chosen = [fold] if fold is not None else list(range(len(self.trained.folds)))
         if not len(features) and not multimodal:
             explanations = []
         else:
-            explanations = [explain_patient(f.model, features, _row(tab, i), f.discrete, attribute=multimodal,
-                                            baselines={"clinical": _average_clinical(f.prep)})
-                            for f, tab in zip(self.trained.folds, self.tabs, strict=True)]
+            explanations = [explain_patient(self.trained.folds[k].model, features, _row(self.tabs[k], i),
+                                            self.trained.folds[k].discrete, attribute=multimodal,
+                                            baselines={"clinical": _average_clinical(self.trained.folds[k].prep)})
+                            for k in chosen]
+        self._explained = [self.trained.folds[k] for k in chosen]
         risk = self._risk(pid, explanations)
         curve = self._curve(pid, explanations, risk)
         km_png = plots.png_bytes(plots.km_figure(self.reference_km, self.cohort.spec.time_unit,
@@ -216,11 +223,17 @@ class ReportContext:
             "genes": _top(self._attributions(explanations, "genomics"), 8) if multimodal else [],
             "clinical": self._clinical(explanations, i) if multimodal else [],
             "classification": self._classification(pid, i),
-            "flags": self._flags(pid, i, risk, slides), "model": self._model_card(),
+            "flags": self._flags(pid, i, risk, slides, explanations), "model": self._model_card(),
             "time_unit": self.cohort.spec.time_unit, "created": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
             "data_uri": data_uri, "version": __version__,
         }
         return render("patient.html.j2", **context)
+
+    def _oof_fold(self, pid: str) -> int | None:
+        """The fold in which this patient was a test patient (same run only), else None."""
+        oof = self.trained.oof
+        row = oof[oof.patient_id == pid] if self.same_run else oof.iloc[0:0]
+        return int(row.fold.iloc[0]) if len(row) else None
 
     def _risk(self, pid: str, explanations: list[FoldExplanation]) -> dict:
         oof = self.trained.oof
@@ -228,15 +241,15 @@ class ReportContext:
         if len(row):
             fold = int(row.fold.iloc[0])
             value = float(row.risk.iloc[0])
-            pct = self.trained.folds[fold].percentiles
-            percentile = float(percentile_of([value], pct)[0]) if pct else self._pooled_percentile(value)
+            percentile = float(percentile_of([value], self.trained.folds[fold].percentiles)[0])
             source = f"out-of-fold (fold {fold}: the model that did not train on this patient)"
         elif explanations:
+            # Each fold model's risk is on its own scale: average the percentiles, never the raw risks.
             fold = None
-            value = float(np.mean([e.risk for e in explanations]))
             per_fold = [percentile_of([e.risk], f.percentiles)[0] for e, f in
-                        zip(explanations, self.trained.folds, strict=True) if f.percentiles]
-            percentile = float(np.mean(per_fold)) if per_fold else self._pooled_percentile(value)
+                        zip(explanations, self._explained, strict=True)]
+            percentile = float(np.mean(per_fold))
+            value = float(np.mean([e.risk for e in explanations]))
             source = f"mean of {len(explanations)} fold models"
         else:
             return {"available": False}
@@ -244,16 +257,12 @@ class ReportContext:
         return {"available": True, "value": value, "percentile": percentile, "group": group, "fold": fold,
                 "source": source, "scheme": self.groups}
 
-    def _pooled_percentile(self, value: float) -> float:
-        """For models trained before folds stored their percentiles: among the out-of-fold risks."""
-        return float(100 * (self.trained.oof["risk"].to_numpy() < value).mean())
-
     def _curve(self, pid: str, explanations: list[FoldExplanation], risk: dict) -> dict | None:
         if not explanations or not risk.get("available"):
             return None
         grid = np.linspace(0, self.horizon_max, 120)
         curves = []
-        for e, f in zip(explanations, self.trained.folds, strict=True):
+        for e, f in zip(explanations, self._explained, strict=True):
             if f.discrete:
                 edges = np.asarray(f.config["bin_edges"], float)
                 s = np.concatenate([[1.0], np.cumprod(1 - e.hazards)])
@@ -263,13 +272,15 @@ class ReportContext:
         if not curves:
             return None
         curves = np.stack(curves)
-        centre = curves[risk["fold"]] if risk.get("fold") is not None else curves.mean(0)
+        centre = curves.mean(0)
         horizons = [h for h in (12.0, 36.0, 60.0) if h <= self.horizon_max]
         at = [{"time": h, "survival": float(np.interp(h, grid, centre)),
                "low": float(np.interp(h, grid, curves.min(0))), "high": float(np.interp(h, grid, curves.max(0)))}
               for h in horizons]
+        band = f"range over the {len(curves)} cross-validation fold models" if len(curves) > 1 else \
+            "none: one fold model, the one that did not train on this patient"
         return {"time": grid, "survival": centre, "low": curves.min(0), "high": curves.max(0), "at": at,
-                "band": f"range over the {len(curves)} cross-validation fold models"}
+                "band": band}
 
     def _slides(self, pid: str, explanations: list[FoldExplanation], n_top: int) -> list[dict]:
         """Per slide: tile count, heatmap and top tiles (attention averaged over the fold models)."""
@@ -300,7 +311,7 @@ class ReportContext:
     def _attributions(self, explanations: list[FoldExplanation], kind: str) -> dict[str, float]:
         """Mean attribution per input name over the fold models (folds may select different genes)."""
         totals: dict[str, float] = {}
-        for e, f in zip(explanations, self.trained.folds, strict=True):
+        for e, f in zip(explanations, self._explained, strict=True):
             values = getattr(e, kind)
             if values is None:
                 continue
@@ -341,7 +352,8 @@ class ReportContext:
         return {"model": c.name, "predicted": classes[k], "probability": probs[k], "source": source,
                 "probabilities": dict(zip(classes, probs, strict=True)), "auc_mean": auc, "auc_sd": c.cv.get("auc_sd")}
 
-    def _flags(self, pid: str, i: int, risk: dict, slides: list[dict]) -> list[str]:
+    def _flags(self, pid: str, i: int, risk: dict, slides: list[dict],
+               explanations: list[FoldExplanation]) -> list[str]:
         flags = []
         if not slides:
             flags.append("No slide for this patient: the risk rests on genomics and clinical data alone.")
@@ -357,12 +369,25 @@ class ReportContext:
         if self.bags.clinical is not None:
             missing = [c for c in self.bags.clinical.columns if pd.isna(self.bags.clinical.iloc[i][c])]
             if missing:
-                flags.append(f"Missing clinical value(s): {', '.join(missing)} (the training mean was used).")
+                flags.append(f"Missing clinical value(s): {', '.join(missing)} (the training mean, or the training "
+                             "mix of categories, was used).")
+            flags += self._unseen_levels(i)
+        errors = [e.completeness_error for e in explanations if e.completeness_error is not None]
+        if errors and max(errors) >= 0.05:
+            flags.append(f"The gene and clinical contributions are approximate: they add up to the risk difference "
+                         f"only within {100 * max(errors):.0f}% (integrated gradients).")
         if not risk.get("available"):
             flags.append("No risk could be computed: this model needs tiles and the patient has none.")
         elif risk["percentile"] <= 0.5 or risk["percentile"] >= 99.5:
             flags.append("The risk lies outside the range the model saw in training: read it with caution.")
         return flags
+
+    def _unseen_levels(self, i: int) -> list[str]:
+        """A flag for clinical categories the explaining fold models never saw in training."""
+        unseen = sorted({f"{col} = '{value}'" for f in self._explained
+                         for col, value in f.prep.unseen_levels(self.bags.clinical.iloc[i])})
+        return [f"Clinical value(s) never seen in training: {', '.join(unseen)}; the model used the training "
+                "cohort's mix of categories for them."] if unseen else []
 
     def _model_card(self) -> dict:
         t = self.trained

@@ -2,8 +2,11 @@
 or scikit-learn; this module only chooses what to compute and how to resample it.
 
 Conventions: `risk` is higher for worse prognosis; survival times and events are the cohort's.
-The censoring distribution for Uno's C, time-dependent AUC and the Brier score is estimated on the
-whole cohort (the predictions are out-of-fold, the outcomes are the same patients').
+Risks given to these functions are on one scale (a single model's, or the common training-fold
+percentile scale of `fusion.survival.crossval`): callers never pass raw risks of several fold models.
+The censoring distribution for a pooled Uno's C, time-dependent AUC and the Brier score is estimated
+on the whole cohort (every patient is a training patient of k-1 folds); per fold, on that fold's
+training patients.
 """
 
 from __future__ import annotations
@@ -20,14 +23,16 @@ def surv(time: np.ndarray, event: np.ndarray) -> np.ndarray:
     return Surv.from_arrays(np.asarray(event).astype(bool), np.asarray(time, float))
 
 
-def uno_c(time, event, risk, tau: float | None = None) -> float:
-    """Uno's IPCW C-index truncated at `tau` (default: the 90th percentile of follow-up)."""
+def uno_c(time, event, risk, tau: float | None = None, train_time=None, train_event=None) -> float:
+    """Uno's IPCW C-index truncated at `tau` (default: the 90th percentile of follow-up); the censoring
+    distribution from (`train_time`, `train_event`) when given, else from these patients."""
     from sksurv.metrics import concordance_index_ipcw
 
     y = surv(time, event)
+    y_train = y if train_time is None else surv(train_time, train_event)
     tau = float(np.quantile(time, 0.9)) if tau is None else tau
     try:
-        return float(concordance_index_ipcw(y, y, np.asarray(risk, float), tau=tau)[0])
+        return float(concordance_index_ipcw(y_train, y, np.asarray(risk, float), tau=tau)[0])
     except ValueError:
         return float("nan")
 
@@ -130,35 +135,50 @@ def kaplan_meier(time, event, groups) -> dict:
 
 def design_matrix(frame: pd.DataFrame, kinds: dict[str, str]) -> pd.DataFrame:
     """Numeric columns as they are; categorical ones as indicators against their first level (the
-    lowest risk group for `risk_group`)."""
-    parts = []
+    lowest risk group for `risk_group`; numbers in numeric order). A categorical column with one
+    level gives no column."""
+    parts = [pd.DataFrame(index=frame.index)]
     for col, kind in kinds.items():
         if kind == "numeric":
             parts.append(pd.to_numeric(frame[col], errors="coerce").rename(col))
         else:
             values = frame[col].astype("string")
             levels = [g for g in GROUP_ORDER if g in set(values.dropna())] if col == "risk_group" else \
-                sorted(values.dropna().unique().tolist())
+                _natural_order(values.dropna().unique().tolist())
             for level in levels[1:]:
                 ind = (values == level).astype(float).where(values.notna())
                 parts.append(ind.rename(f"{col}={level}"))
     return pd.concat(parts, axis=1)
 
 
-def cox_hazard_ratios(time, event, frame: pd.DataFrame, kinds: dict[str, str]) -> pd.DataFrame:
+def _natural_order(levels: list) -> list:
+    """Numbers as numbers ("2" before "10"), else text order."""
+    try:
+        return sorted(levels, key=float)
+    except (TypeError, ValueError):
+        return sorted(levels, key=str)
+
+
+def cox_hazard_ratios(time, event, frame: pd.DataFrame, kinds: dict[str, str]) -> tuple[pd.DataFrame, dict]:
     """Univariate (each covariate alone) and multivariate (all together) Cox models (lifelines):
-    hazard ratio, 95% CI and Wald p per term; complete cases, n recorded per model."""
+    hazard ratio, 95% CI and Wald p per term; complete cases, n recorded per model. Also returns
+    {covariate: reason} for the models that could not be fitted (one level, too few events)."""
     from lifelines import CoxPHFitter
     from lifelines.exceptions import ConvergenceError
 
     base = pd.DataFrame({"time": np.asarray(time, float), "event": np.asarray(event).astype(int)})
-    rows = []
+    rows, skipped = [], {}
 
     def fit(cols: dict[str, str], analysis: str) -> None:
         x = design_matrix(frame, cols)
         data = pd.concat([base, x.reset_index(drop=True)], axis=1).dropna()
         data = data.loc[:, (data.std() > 0) | data.columns.isin(["time", "event"])]
-        if data.shape[1] <= 2 or data["event"].sum() < 2:
+        name = next(iter(cols)) if analysis == "univariate" else "the multivariate model"
+        if data.shape[1] <= 2:
+            skipped[name] = "a single level or value in the patients with data: no contrast to estimate"
+            return
+        if data["event"].sum() < 2:
+            skipped[name] = f"{int(data['event'].sum())} event(s) among the complete cases"
             return
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -178,25 +198,33 @@ def cox_hazard_ratios(time, event, frame: pd.DataFrame, kinds: dict[str, str]) -
     for col, kind in kinds.items():
         fit({col: kind}, "univariate")
     fit(kinds, "multivariate")
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["analysis", "term", "hr", "ci_low", "ci_high", "p", "n", "events"]), skipped
+
+
+def auc_of(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> float:
+    """ROC AUC (binary: of the second class; more classes: macro one-vs-rest); NaN with one class."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.array([classes.index(str(v)) for v in labels])
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    if len(classes) == 2:
+        return float(roc_auc_score(y, probs[:, 1]))
+    return float(roc_auc_score(y, probs, multi_class="ovr", labels=list(range(len(classes)))))
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str], n_boot: int = 1000,
                            seed: int = 0) -> dict:
     """ROC AUC (bootstrap 95% CI), balanced accuracy, F1 and the confusion matrix (scikit-learn).
     Binary: the second class is the positive one; more classes: macro one-vs-rest AUC and macro F1."""
-    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score
 
     y = np.array([classes.index(str(v)) for v in labels])
     pred = probs.argmax(1)
     binary = len(classes) == 2
 
     def auc(idx: np.ndarray) -> float:
-        if len(np.unique(y[idx])) < 2:
-            return float("nan")
-        if binary:
-            return float(roc_auc_score(y[idx], probs[idx, 1]))
-        return float(roc_auc_score(y[idx], probs[idx], multi_class="ovr", labels=list(range(len(classes)))))
+        return auc_of(np.asarray(labels)[idx], probs[idx], classes)
 
     everyone = np.arange(len(y))
     return {"n": len(y), "classes": classes, "auc": auc(everyone),
