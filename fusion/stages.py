@@ -199,6 +199,10 @@ def train_stage(layout: RunLayout, cohort: Cohort, config: TrainConfig, on_epoch
     from fusion.train.loop import MULTIMODAL
 
     out = layout.model_dir(config.model if config.task == "survival" else f"{config.model}-classification")
+    # First what must not be read: features of slides whose file is gone, and damaged features files
+    # (both change the inputs hash, so a model trained on them is not taken as current).
+    fail_missing_slides(layout, cohort, "train", config.tile_set)
+    _drop_damaged_features(layout, cohort, config)
     folds = ensure_fold_table(layout.root, cohort, config.folds, config.seed)  # one table for every model
     inputs_hash = hash_config({"inputs": training_inputs_hash(layout, cohort, config), "folds": folds.fingerprint})
     if not force and _stamp_matches(out / TRAIN_STAMP, inputs_hash) and (out / "cv_metrics.json").exists():
@@ -207,8 +211,6 @@ def train_stage(layout: RunLayout, cohort: Cohort, config: TrainConfig, on_epoch
             layout.ledger.record("train", out.name, "skipped", inputs_hash=inputs_hash, outputs=[str(out)])
             return summary
 
-    fail_missing_slides(layout, cohort, "train", config.tile_set)  # their features describe files that are gone
-    _drop_damaged_features(layout, cohort, config)
     bags, missing = load_bags(layout, cohort, config.encoder, config.tile_set,
                               keep_without_tiles=config.model in MULTIMODAL or config.model in BASELINES)
     if config.task == "survival":  # patients whose outcome is not known yet are scored, never trained on
