@@ -156,3 +156,52 @@ def test_a_killed_command_leaves_no_prefect_server_behind(tiny_cohort, tiny_run,
     for p in alive:  # do not leave it running even when the test fails
         p.kill()
     assert not alive, "the Prefect server outlived the killed command"
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs mounted at tmp_path/disk (root only; skipped where mounting is not allowed)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def _one_error(output: str) -> str:
+    assert "Traceback" not in output, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output[-3000:]
+    return errors[0]
+
+
+def test_a_full_disk_and_a_read_only_run_folder_are_one_line(tiny_cohort, tiny_run, tmp_path, small_disk):
+    """Real faults, not injected: the run folder on a 256 KiB file system fills up while `fusion tile`
+    runs under Prefect; then the same file system, remounted read-only, refuses `fusion extract`.
+    Each ends in one error line naming the path and what to do, exit 2, no traceback, and every file
+    left in the run folder is complete."""
+    import h5py
+
+    cohort, _ = copy_small_cohort(tiny_cohort, tiny_run, tmp_path, patients=24, with_run=False)
+    run = small_disk / "run"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    full = subprocess.run([sys.executable, "-m", "fusion.cli", "tile", str(cohort), "--out", str(run)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert full.returncode == 2, full.stdout[-2000:] + full.stderr[-2000:]
+    line = _one_error(full.stdout + full.stderr)
+    assert "the disk is full" in line and str(run) in line and "free space" in line
+    assert not list(run.rglob("*.partial"))
+    for h5 in run.rglob("*.h5"):  # what is there is whole
+        with h5py.File(h5, "r") as f:
+            assert f["coords"].shape[1] == 2
+
+    assert subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], capture_output=True).returncode == 0
+    read_only = subprocess.run([sys.executable, "-m", "fusion.cli", "extract", str(run)], env=env,
+                               capture_output=True, text=True, timeout=900)
+    assert read_only.returncode == 2, read_only.stdout[-2000:] + read_only.stderr[-2000:]
+    line = _one_error(read_only.stdout + read_only.stderr)
+    assert "read-only" in line and str(run) in line
