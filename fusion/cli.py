@@ -517,6 +517,10 @@ def report(
     html = [p for p in written if p.suffix == ".html"]
     console.print(f"{len(html)} report(s) -> {html[0].parent if html else out}"
                   + (f" (+ {len(written) - len(html)} PDF)" if pdf else ""))
+    asked = len(c.patients) if ids is None else len(ids)
+    if len(html) < asked:  # each failure is in the ledger with its reason; the other reports were written
+        err.print(f"[yellow]{asked - len(html)} report(s) failed[/] (reasons in {layout.root / 'ledger.jsonl'})",
+                  highlight=False)
 
 
 @app.command("run")
