@@ -162,7 +162,7 @@ def _fail(inbox, cohort_dir: Path, layout, model: str, reasons: dict[str, str], 
     retract(cohort_dir, layout, model, set(reasons))
     move_to_failed(inbox, reasons, batch)
     for pid, why in reasons.items():
-        layout.ledger.record("serve", pid, "failed", step=step, error=why, batch=batch)
+        layout.ledger.record("serve", pid, "failed", stage=step, error=why, batch=batch)
     result["failed_patients"].update(reasons)
 
 
