@@ -14,7 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine  # noqa: E402
 
-BENCHMARKS = ["tiling.py", "extraction.py", "training.py", "reports.py", "orchestration.py", "tcga_dry_run.py"]
+BENCHMARKS = ["tiling.py", "extraction.py", "training.py", "reports.py", "beta_recovery.py", "orchestration.py",
+              "tcga_dry_run.py"]
 
 
 def collect(here: Path) -> str:

@@ -99,6 +99,29 @@ def synth(
     console.print(f"cohort written to [bold]{out}[/]")
 
 
+@app.command()
+def example(
+    name: Annotated[str, typer.Argument(help="Example cohort: gbsg2, whas500, veterans, flchain, aids, lung.")],
+    out: Annotated[Path, typer.Option(help="Folder to write the cohort into.")],
+    run: Annotated[Path | None, typer.Option(help="Also start a run folder for it (no slides: train at once, "
+                                             "e.g. `fusion train RUN --model coxnet`).")] = None,
+) -> None:
+    """Write a cohort folder from real public data bundled with scikit-survival or lifelines (clinical only)."""
+    from fusion.examples import EXAMPLES, write_example
+
+    try:
+        folder = write_example(name, out)
+        if run is not None:
+            from fusion.run import init_run
+
+            init_run(run, folder)
+    except (FusionError, ValueError) as e:
+        _fail(e)
+    ex = EXAMPLES[name]
+    console.print(f"{ex.title}: cohort written to [bold]{folder}[/] ({ex.source})"
+                  + (f"; run folder [bold]{run}[/]" if run else ""))
+
+
 @cohort_app.command("validate")
 def cohort_validate(
     folder: Annotated[Path, typer.Argument(help="Cohort folder with cohort.yaml.")],
@@ -497,21 +520,37 @@ def report(
     all_patients: Annotated[bool, typer.Option("--all", help="A report for every patient of the cohort.")] = False,
     pdf: Annotated[bool, typer.Option(help="Also print each report to PDF (headless Chromium).")] = True,
     groups: Annotated[str, typer.Option(help="Risk groups: median or tertiles.")] = "median",
+    horizon: Annotated[list[float] | None, typer.Option(help="Horizon for the absolute risk, in the cohort's time "
+                                                        "unit (repeatable; default 1, 3 and 5 years within the "
+                                                        "training follow-up).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default RUN/reports).")] = None,
+    sign: Annotated[str | None, typer.Option(help="Sign the patients' existing draft reports as this reviewer "
+                                             "(writes <id>.v<n>.signed.html and logs it in audit.jsonl).")] = None,
+    role: Annotated[str, typer.Option(help="The reviewer's role (with --sign).")] = "",
+    decision: Annotated[str, typer.Option(help="agree, agree with comment, disagree or not assessable "
+                                          "(with --sign).")] = "agree",
+    comment: Annotated[str, typer.Option(help="The reviewer's comment (with --sign).")] = "",
 ) -> None:
-    """Clinician reports: one self-contained HTML page (+ PDF) per patient."""
-    from fusion.report.patient import write_reports
+    """Clinician reports: one self-contained HTML page (+ PDF) per patient; or, with --sign, a signed copy."""
     from fusion.run import open_run
 
     if not patient and not all_patients:
         _fail(ValueError("name patients with --patient ID (repeatable) or use --all"))
     try:
         layout, c = open_run(run)
-        ids = None if all_patients else list(patient)
+        ids = list(c.patients["patient_id"]) if all_patients else list(patient)
+        if sign is not None:
+            from fusion.report.signing import sign_report
+
+            signed = [sign_report(out or layout.reports, pid, sign, role, decision, comment, pdf=pdf) for pid in ids]
+            console.print(f"{len(signed)} report(s) signed by {sign}: " + ", ".join(p.name for p in signed))
+            return
+        from fusion.report.patient import write_reports
+
         with _progress() as bar:
-            job = bar.add_task("reports", total=len(c.patients) if ids is None else len(ids))
-            written = write_reports(layout, c, model, ids, out, pdf=pdf, groups=groups,
-                                    on_report=lambda _: bar.advance(job))
+            job = bar.add_task("reports", total=len(ids))
+            written = write_reports(layout, c, model, None if all_patients else ids, out, pdf=pdf, groups=groups,
+                                    on_report=lambda _: bar.advance(job), horizons=horizon or None)
     except (FusionError, ValueError, FileNotFoundError) as e:
         _fail(e)
     html = [p for p in written if p.suffix == ".html"]

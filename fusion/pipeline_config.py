@@ -88,9 +88,12 @@ class AnalysisSection(_Frozen):
 
 class ReportSection(_Frozen):
     enabled: bool = True
-    model: str | None = None  # model folder whose predictions the reports show (default: the first model)
+    # model folder whose predictions the reports show; "best": the survival network with the highest
+    # fold-mean C-index of this run (baselines keep no weights to explain); default: the first model
+    model: str | None = None
     patients: list[str] | None = None  # default: every patient
     pdf: bool = False  # also print each report to PDF (needs Chromium; see `fusion doctor`)
+    horizons: list[float] | None = None  # absolute risk by these times (cohort's unit); default 1, 3, 5 years
 
 
 class ServeSection(_Frozen):

@@ -213,3 +213,61 @@ def test_horizons_are_round_and_come_from_training_patients_only(run):
     # 90th percentile of event times 19.6 years: steps of 1 or 2 years would give more than 8 horizons
     assert nice_horizons(np.array([1.0, 2, 3, 4, 30]), np.ones(5), "years") == [5.0, 10.0, 15.0]
     assert nice_horizons(np.linspace(1, 400, 50), np.ones(50), "days") == [60.0, 120.0, 180.0, 240.0, 300.0, 360.0]
+
+
+def test_degenerate_but_legal_cohorts_are_reported_not_crashed(cohort_dir, tmp_path):
+    """A clinical variable with one level, and a model that puts everyone in one risk group: those
+    statistics are 'not estimable' with the reason; the rest of the analysis is produced."""
+    import shutil
+
+    root = tmp_path / "cohort"
+    shutil.copytree(cohort_dir, root)
+    patients = pd.read_csv(root / "patients.csv")
+    patients["grade"] = 2
+    patients.to_csv(root / "patients.csv", index=False)
+    layout = init_run(tmp_path / "run", root)
+    cohort = load_cohort(root)
+    ensure_fold_table(layout.root, cohort, 5, 0)
+    _fake_model(layout, "flat", cohort, 0.6, {k: (1.0, 0.0) for k in range(5)})  # every risk 1.0
+    _fake_model(layout, "plain", cohort, 0.6, {})
+    analyze_run(layout, cohort, n_boot=20)
+    models = {m["model"]: m for m in json.loads((layout.analysis / "metrics.json").read_text())["models"]}
+    flat, plain = models["flat"], models["plain"]
+    assert any("risk group" in k for k in flat["not_estimable"]) and flat["logrank_p"] is None
+    assert "hazard ratio of grade" in plain["not_estimable"]
+    assert "single level" in plain["not_estimable"]["hazard ratio of grade"]
+    assert plain["hr_high_vs_low"]["hr"] > 1 and plain["harrell_c"] > 0.6
+    html = (layout.analysis / "report.html").read_text()
+    assert "Not estimable: hazard ratio of grade" in html
+
+
+def test_fold_models_load_by_number_and_must_match_the_manifest(tmp_path):
+    """With 11 folds, fold-10 comes after fold-9 (not after fold-1); a deleted, extra or foreign fold
+    folder is refused with what is wrong instead of silently changing patients' risk groups."""
+    import shutil
+
+    from fusion.errors import RunError
+    from fusion.train.checkpoint import fold_dirs
+
+    model = tmp_path / "abmil"
+    for k in range(11):
+        (model / f"fold-{k}").mkdir(parents=True)
+        (model / f"fold-{k}" / "model.safetensors").write_bytes(b"weights")
+        write_json(model / f"fold-{k}" / "config.json", {"config_hash": "c1", "fold_table": "t1"})
+    write_json(model / "cv_metrics.json", {"folds": 11, "config_hash": "c1", "fold_table": {"fingerprint": "t1"}})
+    assert [p.name for p in fold_dirs(model)] == [f"fold-{k}" for k in range(11)]
+
+    shutil.copytree(model / "fold-10", model / "fold-11")
+    with pytest.raises(RunError, match="unexpected fold"):
+        fold_dirs(model)
+    shutil.rmtree(model / "fold-11")
+    shutil.rmtree(model / "fold-3")
+    with pytest.raises(RunError, match=r"trained with 11 folds but has missing fold\(s\) 3"):
+        fold_dirs(model)
+    shutil.copytree(model / "fold-4", model / "fold-3")
+    write_json(model / "fold-3" / "config.json", {"config_hash": "other", "fold_table": "t1"})
+    with pytest.raises(RunError, match="another configuration"):
+        fold_dirs(model)
+    write_json(model / "fold-3" / "config.json", {"config_hash": "c1", "fold_table": "t2"})
+    with pytest.raises(RunError, match="another fold table"):
+        fold_dirs(model)

@@ -25,9 +25,11 @@ from fusion.cohort import Cohort
 from fusion.errors import RunError
 from fusion.report import plots, stats
 from fusion.report.html import data_uri, render
+from fusion.report.tripod import tripod_items
 from fusion.run import RunLayout
 from fusion.storage import write_json, write_table, write_text
 from fusion.survival import concordance
+from fusion.survival.calibration import ALL, cross_fitted_risk, fit_recalibration
 from fusion.survival.crossval import (
     OutOfFold,
     common_scale,
@@ -39,6 +41,7 @@ from fusion.survival.crossval import (
     surv_matrix,
     training_percentile,
 )
+from fusion.survival.horizons import report_horizons, surv_column
 from fusion.train.evaluate import true_risk
 from fusion.train.folds import read_fold_table
 
@@ -86,16 +89,11 @@ def analyze_survival(model_dir: Path, oof: OutOfFold, cohort: Cohort, scheme: st
         result["td_auc"], result["td_auc_mean"] = stats.td_auc(time, event, scale, horizons)
     else:
         missing["td-AUC, Brier score, calibration"] = "no horizon chosen by every fold lies inside the follow-up"
-    calibration = None
     if len(horizons) >= 2:
-        surv = surv_matrix(oof, horizons)
-        result["integrated_brier_score"] = stats.integrated_brier(time, event, surv, horizons)
-        horizon = horizons[len(horizons) // 2]
-        calibration = stats.calibration(time, event, surv[:, horizons.index(horizon)], horizon)
-        result["calibration_horizon"] = horizon
-        result["calibration"] = calibration.to_dict("records")
+        result["integrated_brier_score"] = stats.integrated_brier(time, event, surv_matrix(oof, horizons), horizons)
     elif horizons:
         missing["integrated Brier score"] = "needs two horizons inside the follow-up; the folds share one"
+    calibration = _calibration(oof, horizons, cohort, n_boot, seed, result) if horizons else None
 
     groups = stats.risk_groups(training_percentile(oof), scheme)
     km = stats.kaplan_meier(time, event, groups)
@@ -117,8 +115,29 @@ def analyze_survival(model_dir: Path, oof: OutOfFold, cohort: Cohort, scheme: st
 
     if out_dir is not None:
         result["_figures"] = _survival_figures(model_dir.name, km, calibration, hr, scheme, cohort, out_dir,
-                                               result.get("calibration_horizon"))
+                                               result.get("decision_curve"))
     return result
+
+
+def _calibration(oof: OutOfFold, horizons: list[float], cohort: Cohort, n_boot: int, seed: int,
+                 result: dict) -> dict[str, list[dict]]:
+    """Calibration at the report horizons of the fold models' own predicted survival (each fold's
+    Breslow baseline, fitted on its training patients' in-sample risks) and of the cross-fitted
+    recalibration (`fusion.survival.calibration`), plus the decision curve at the middle horizon."""
+    time, event = oof.preds["time"].to_numpy(float), oof.preds["event"].to_numpy(int)
+    chosen = report_horizons(horizons, cohort.spec.time_unit)
+    recal = fit_recalibration(oof, chosen, n_boot=min(n_boot, 200), seed=seed)
+    absolute = cross_fitted_risk(oof, recal)
+    out = {"recalibrated": [stats.calibration_at(time, event, absolute[:, j], h) for j, h in enumerate(chosen)]}
+    if all(surv_column(h) in oof.preds for h in chosen):
+        out["model"] = [stats.calibration_at(time, event, 1 - oof.preds[surv_column(h)].to_numpy(float), h)
+                        for h in chosen]
+    main = chosen[len(chosen) // 2]
+    result.update(calibration_horizons=chosen, calibration=out,
+                  recalibration={"gamma": recal.gamma[ALL], "n": recal.n[ALL], "events": recal.events[ALL]},
+                  decision_curve={"horizon": main, "curve": stats.decision_curve(
+                      time, event, absolute[:, chosen.index(main)], main).to_dict("records")})
+    return out
 
 
 def _uno_fold_mean(preds: pd.DataFrame, tau: float) -> float:
@@ -131,15 +150,22 @@ def _uno_fold_mean(preds: pd.DataFrame, tau: float) -> float:
     return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
 
-def _survival_figures(name: str, km: dict, calibration, hr: pd.DataFrame, scheme: str, cohort: Cohort,
-                      out_dir: Path, horizon: float | None) -> dict:
+def _survival_figures(name: str, km: dict, calibration: dict | None, hr: pd.DataFrame, scheme: str,
+                      cohort: Cohort, out_dir: Path, decision: dict | None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     unit = cohort.spec.time_unit
     figures = {"km": plots.save(plots.km_figure(km, unit, f"{name}: risk groups ({scheme})"), out_dir / "km")}
-    if calibration is not None and len(calibration):
-        figures["calibration"] = plots.save(plots.calibration_figure(calibration, horizon, unit),
-                                            out_dir / "calibration")
-        write_table(out_dir / "calibration.csv", calibration)
+    if calibration:
+        labels = {"model": "fold models' own survival", "recalibrated": "recalibrated (cross-fitted)"}
+        figures["calibration"] = plots.save(plots.calibration_figure(
+            {labels[k]: v for k, v in calibration.items()}, unit), out_dir / "calibration")
+        write_table(out_dir / "calibration.csv", pd.DataFrame(
+            [{"predictions": k, **{f: c[f] for f in c if f != "groups"}} for k, v in calibration.items() for c in v]))
+    if decision:
+        curve = pd.DataFrame(decision["curve"])
+        figures["decision_curve"] = plots.save(plots.decision_curve_figure(
+            curve, decision["horizon"], unit, f"{name}: decision curve"), out_dir / "decision_curve")
+        write_table(out_dir / "decision_curve.csv", curve)
     if len(hr):
         write_table(out_dir / "hazard_ratios.csv", hr)
         mv = hr[hr.analysis == "multivariate"]
@@ -206,7 +232,8 @@ def analyze_run(layout: RunLayout, cohort: Cohort, models: list[str] | None = No
     summary = summary_table(results)
     write_table(out / "summary.csv", summary)
     report = {"fusion_version": __version__, "run": str(layout.root), "cohort": str(cohort.root),
-              "n_patients": len(cohort.patients), "risk_groups": groups, "bootstrap": n_boot, "models": results}
+              "n_patients": len(cohort.patients), "risk_groups": groups, "bootstrap": n_boot, "models": results,
+              "tripod": tripod_items(cohort, layout.root, results)}
     write_json(out / "metrics.json", _finite(report))
     rows = summary.to_dict("records")
     html = render("cohort.html.j2", report=report, figures=figures, overview=overview,

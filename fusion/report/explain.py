@@ -31,6 +31,7 @@ class FoldExplanation:
     probabilities: np.ndarray | None = None  # classification models: [C]
     completeness_error: float | None = None  # relative, of the integrated gradients (None: not computed)
     ig_steps: int = 0
+    group_attention: np.ndarray | None = None  # [K] over genomic groups (co-attention models), else None
 
 
 def _risk(out: dict, discrete: bool) -> torch.Tensor:
@@ -60,13 +61,14 @@ def explain_patient(model: torch.nn.Module, features: np.ndarray, tab: dict[str,
     one = {k: torch.from_numpy(np.asarray(v)[None]) for k, v in tab.items()}
     out = _forward(model, x, mask, one)
     attention = out["attention"][0, :n].float().numpy() if "attention" in out else np.zeros(n)
+    groups = out["group_attention"][0].float().reshape(-1).numpy() if out.get("group_attention") is not None else None
     if classify:
         probs = torch.softmax(out["logits"].float(), -1)[0].numpy()
         return FoldExplanation(float("nan"), None, attention, None, None, probs)
     hazards = hazards_from_logits(out["logits"])[0].numpy() if discrete else None
     risk = float(hazard_risk(hazards[None])[0]) if discrete else float(out["risk"][0])
     if not attribute:
-        return FoldExplanation(risk, hazards, attention, None, None)
+        return FoldExplanation(risk, hazards, attention, None, None, group_attention=groups)
     baselines = baselines or {}
     reference = _reference_risk(model, x, mask, one, discrete, baselines)
     for n_steps in ([steps] if steps else [32, 64, 128, 256, 512]):
@@ -76,7 +78,8 @@ def explain_patient(model: torch.nn.Module, features: np.ndarray, tab: dict[str,
         error = abs(total - gap) / abs(gap) if abs(gap) > 1e-6 else abs(total - gap)
         if genomics is None and clinical is None or error < COMPLETENESS_TOLERANCE:
             break
-    return FoldExplanation(risk, hazards, attention, genomics, clinical, completeness_error=error, ig_steps=n_steps)
+    return FoldExplanation(risk, hazards, attention, genomics, clinical, completeness_error=error, ig_steps=n_steps,
+                           group_attention=groups)
 
 
 def _reference_risk(model, x, mask, tab, discrete: bool, baselines: dict[str, np.ndarray]) -> float:

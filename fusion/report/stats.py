@@ -232,3 +232,73 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[
             "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
             "f1": float(f1_score(y, pred, average="binary" if binary else "macro")),
             "confusion_matrix": confusion_matrix(y, pred, labels=list(range(len(classes)))).tolist()}
+
+
+def calibration_at(time, event, risk_at_h: np.ndarray, horizon: float, groups: int = 5) -> dict:
+    """Calibration of predicted absolute risks of the event by `horizon` (lifelines):
+
+    - observed / expected: Kaplan-Meier risk by the horizon over the mean predicted risk, with the
+      Kaplan-Meier 95% interval carried through (1 = calibrated in the large);
+    - calibration slope: the Cox coefficient of the outcome on log(-log(1 - predicted risk)), with its
+      95% CI (1 = predictions neither too extreme nor too timid);
+    - per group of predicted risk (quantiles): mean predicted beside the observed Kaplan-Meier risk.
+    """
+    from lifelines import CoxPHFitter, KaplanMeierFitter
+
+    time, event = np.asarray(time, float), np.asarray(event).astype(int)
+    risk = np.clip(np.asarray(risk_at_h, float), 1e-6, 1 - 1e-6)
+    km = KaplanMeierFitter().fit(time, event)
+    observed = 1 - float(km.survival_function_at_times(horizon).iloc[0])
+    band = km.confidence_interval_survival_function_.loc[:horizon]
+    obs_low, obs_high = (1 - band.iloc[-1, 1], 1 - band.iloc[-1, 0]) if len(band) else (0.0, 0.0)
+    expected = float(risk.mean())
+    out = {"horizon": float(horizon), "observed": observed, "observed_low": float(obs_low),
+           "observed_high": float(obs_high), "expected": expected, "o_e": observed / expected,
+           "o_e_low": float(obs_low) / expected, "o_e_high": float(obs_high) / expected}
+    frame = pd.DataFrame({"time": time, "event": event, "cloglog": np.log(-np.log(1 - risk))})
+    if frame["cloglog"].std() > 0 and event.sum() >= 2:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cph = CoxPHFitter().fit(frame, "time", "event")
+        s = cph.summary.loc["cloglog"]
+        out.update(slope=float(s["coef"]), slope_low=float(s["coef lower 95%"]), slope_high=float(s["coef upper 95%"]))
+    edges = np.unique(np.quantile(risk, np.linspace(0, 1, groups + 1)))
+    which = np.clip(np.searchsorted(edges[1:-1], risk, side="right"), 0, len(edges) - 2)
+    rows = []
+    for g in range(len(edges) - 1):
+        sel = which == g
+        if sel.sum() < 3:
+            continue
+        kg = KaplanMeierFitter().fit(time[sel], event[sel])
+        ci = kg.confidence_interval_survival_function_.loc[:horizon]
+        rows.append({"group": g + 1, "n": int(sel.sum()), "predicted": float(risk[sel].mean()),
+                     "observed": 1 - float(kg.survival_function_at_times(horizon).iloc[0]),
+                     "observed_low": float(1 - ci.iloc[-1, 1]) if len(ci) else 0.0,
+                     "observed_high": float(1 - ci.iloc[-1, 0]) if len(ci) else 0.0})
+    out["groups"] = rows
+    return out
+
+
+def decision_curve(time, event, risk_at_h: np.ndarray, horizon: float,
+                   thresholds: np.ndarray | None = None) -> pd.DataFrame:
+    """Net benefit of acting on patients whose predicted risk by `horizon` exceeds a threshold p,
+    against acting on everyone and on no one (Vickers et al. 2008, with Kaplan-Meier risks for
+    censored outcomes): NB(p) = P(risk > p) [r+ - (1 - r+) p / (1 - p)], r+ the Kaplan-Meier risk by
+    the horizon among those above p; treat-all uses the whole cohort's risk."""
+    from lifelines import KaplanMeierFitter
+
+    time, event, risk = np.asarray(time, float), np.asarray(event).astype(int), np.asarray(risk_at_h, float)
+    thresholds = np.linspace(0.02, 0.6, 30) if thresholds is None else np.asarray(thresholds, float)
+
+    def km_risk(sel: np.ndarray) -> float:
+        return 1 - float(KaplanMeierFitter().fit(time[sel], event[sel]).survival_function_at_times(horizon).iloc[0])
+
+    everyone = km_risk(np.ones(len(time), bool))
+    rows = []
+    for p in thresholds:
+        above = risk > p
+        share = float(above.mean())
+        model = share * (km_risk(above) - (1 - km_risk(above)) * p / (1 - p)) if above.any() else 0.0
+        rows.append({"threshold": float(p), "model": model, "treat_all": everyone - (1 - everyone) * p / (1 - p),
+                     "treat_none": 0.0, "share_above": share})
+    return pd.DataFrame(rows)

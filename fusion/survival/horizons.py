@@ -49,4 +49,26 @@ def surv_column(horizon: float) -> str:
     return f"surv_{horizon:g}"
 
 
-__all__ = ["nice_horizons", "common_horizons", "surv_column", "NICE_STEPS"]
+
+
+
+# Horizons clinicians quote (1, 3, 5, 10 years), in each time unit.
+CLINICAL_HORIZONS = {"days": [365, 1095, 1825, 3650], "weeks": [52, 156, 260, 520], "months": [12, 36, 60, 120],
+                     "years": [1, 3, 5, 10]}
+
+
+def report_horizons(common: list[float], unit: str, configured: list[float] | None = None,
+                    max_points: int = 3) -> list[float]:
+    """Horizons at which a report states absolute risk: the configured ones (e.g. 60 and 120 months),
+    or the clinical ones (1, 3, 5, 10 years) that lie within the follow-up every fold's training
+    patients had (the largest horizon they chose); at least one, from `common`, otherwise."""
+    limit = max(common) if common else 0.0
+    if configured:
+        beyond = [h for h in configured if h > limit]
+        if beyond:
+            raise ValueError(f"horizon(s) {', '.join(f'{h:g}' for h in beyond)} {unit} lie beyond the follow-up "
+                             f"of the training folds (the last horizon they support is {limit:g} {unit})")
+        return sorted(float(h) for h in configured)
+    chosen = [float(h) for h in CLINICAL_HORIZONS.get(unit, []) if h <= limit][:max_points]
+    return chosen or ([float(common[len(common) // 2])] if common else [])
+__all__ = ["nice_horizons", "common_horizons", "surv_column", "report_horizons", "NICE_STEPS", "CLINICAL_HORIZONS"]

@@ -116,6 +116,17 @@ def compare_models(models_root: str | Path, cohort: Cohort, out_dir: str | Path 
     return table
 
 
+def best_network(models_root: str | Path, evaluations: list[dict]) -> str:
+    """The survival model with fold checkpoints (a network a report can explain) and the highest
+    fold-mean C-index among `evaluations`."""
+    root = Path(models_root)
+    networks = [e for e in evaluations if e.get("task", "survival") == "survival"
+                and (root / e["model"] / "fold-0" / "model.safetensors").exists()]
+    if not networks:
+        raise RunError(f"no trained survival network in {root} to write reports from (baselines keep no weights)")
+    return max(networks, key=lambda e: e["c_index_mean"])["model"]
+
+
 def _check_same_folds(root: Path, evaluations: list[dict]) -> None:
     """Every model must come from the run's fold table (RUN/folds.csv), else a comparison is not paired."""
     table = read_fold_table(root.parent)

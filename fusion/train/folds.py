@@ -33,7 +33,7 @@ class FoldTable:
     fold: pd.Series  # int fold per patient id, index = patient ids
     k: int
     seed: int
-    stratify: str  # what the folds are stratified by: "event" or "event+label"
+    stratify: str  # what the folds are stratified by ("event")
 
     @property
     def fingerprint(self) -> str:
@@ -61,10 +61,9 @@ def fold_fingerprint(fold: pd.Series, k: int, seed: int, stratify: str) -> str:
     return hash_config({"folds": pairs, "k": k, "seed": seed, "stratify": stratify})
 
 
-def make_fold_table(ids: list[str], event: np.ndarray, k: int, seed: int = 0,
-                    label: np.ndarray | None = None) -> FoldTable:
-    """Stratified k-fold assignment of `ids`: by event (a patient with unknown outcome is its own
-    stratum), and by event x label when the cohort has a label and every such group can fill k folds."""
+def make_fold_table(ids: list[str], event: np.ndarray, k: int, seed: int = 0) -> FoldTable:
+    """k-fold assignment of `ids` stratified by event (a patient whose outcome is not known yet, kept
+    for a classification label, is a stratum of its own), so that every test fold has its events."""
     ids = [str(p) for p in ids]
     event = np.asarray(event, float)
     strata = np.where(np.isnan(event), 2, event).astype(int)
@@ -73,16 +72,11 @@ def make_fold_table(ids: list[str], event: np.ndarray, k: int, seed: int = 0,
     n_minority = min(np.bincount(strata[strata < 2], minlength=2))
     if n_minority < k:
         raise ValueError(f"only {n_minority} patients in the rarer event class: too few for {k} folds")
-    stratify = "event"
-    if label is not None:
-        combined = strata * 1000 + np.asarray(label, int) + 1
-        if np.bincount(np.unique(combined, return_inverse=True)[1]).min() >= k:
-            strata, stratify = combined, "event+label"
     fold = np.zeros(len(ids), int)
     skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     for f, (_, test) in enumerate(skf.split(np.zeros(len(ids)), strata)):
         fold[test] = f
-    return FoldTable(pd.Series(fold, index=pd.Index(ids, name="patient_id"), name="fold"), k, seed, stratify)
+    return FoldTable(pd.Series(fold, index=pd.Index(ids, name="patient_id"), name="fold"), k, seed, "event")
 
 
 def write_fold_table(root: str | Path, table: FoldTable) -> None:
@@ -119,14 +113,10 @@ def cohort_fold_table(patients: pd.DataFrame, time_col: str, event_col: str, lab
     time = pd.to_numeric(patients[time_col], errors="coerce")
     event = pd.to_numeric(patients[event_col], errors="coerce").where(time.notna())
     keep = time.notna()
-    label = None
     if label_col:
-        values = patients[label_col]
-        keep |= values.notna()
-        classes = sorted(values.dropna().astype(str).unique())
-        label = np.array([classes.index(str(v)) if pd.notna(v) else -1 for v in values[keep]])
+        keep |= patients[label_col].notna()
     ids = patients.loc[keep, "patient_id"].astype(str).tolist()
-    return make_fold_table(ids, event[keep].to_numpy(float), k, seed, label)
+    return make_fold_table(ids, event[keep].to_numpy(float), k, seed)
 
 
 def ensure_fold_table(root: str | Path, cohort, k: int, seed: int, rebuild: bool = False) -> FoldTable:

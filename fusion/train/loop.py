@@ -26,6 +26,7 @@ from fusion.survival.losses import SURVIVAL_LOSSES, hazards_from_logits, ipcw_ev
 from fusion.train.checkpoint import CONFIG, WEIGHTS, save_checkpoint
 from fusion.train.data import Bags, Preprocessor, collate, feature_moments, tabular_batch
 from fusion.train.folds import FoldTable, make_fold_table
+from fusion.train.reference import fit_reference
 from fusion.train.splits import inner_split
 
 
@@ -86,6 +87,15 @@ class TrainConfig:
     def loss_fn(self):
         return SURVIVAL_LOSSES[self.loss_name]
 MULTIMODAL = {"coattn", "biofusion", "genomics_snn"}  # models that read genomics and clinical data
+# What each model and baseline reads: the reports derive every sentence about inputs from this.
+MODEL_INPUTS = {"abmil": ("tiles",), "acmil": ("tiles",), "coattn": ("tiles", "genomics", "clinical"),
+                "biofusion": ("tiles", "genomics", "clinical"), "genomics_snn": ("genomics", "clinical"),
+                "clinical_cox": ("clinical",), "coxnet": ("genomics", "clinical"), "rsf": ("genomics", "clinical")}
+
+
+def model_inputs(name: str) -> tuple[str, ...]:
+    """The modalities model `name` reads (tiles, genomics, clinical)."""
+    return MODEL_INPUTS.get(name, ("tiles", "genomics", "clinical") if name in MULTIMODAL else ("tiles",))
 
 
 def _seed_everything(seed: int) -> np.random.Generator:
@@ -344,7 +354,10 @@ def _train_fold(bags: Bags, config: TrainConfig, k: int, train_idx: np.ndarray, 
                                      "encoder": config.encoder, "preprocessor": prep.state(),
                                      "classes": bags.classes, "horizons": horizons, "loss": config.loss_name,
                                      "bin_edges": None if edges is None else edges[1:-1].tolist(),
-                                     "baseline_survival": baseline})
+                                     "baseline_survival": baseline,
+                                     "reference": fit_reference(train.clinical, train.clinical_types,
+                                                                train.tab["genomics"] if prep.genes else None,
+                                                                train.tab["genomics_mask"], train.features)})
     model.to(device)
     val_key = "val_auc" if classify else "val_c_index"
     metrics = {"fold": k, metric: score, "n_test": len(test), "n_test_events": int(test.event.sum()),
@@ -379,7 +392,7 @@ def cross_validate(bags: Bags, config: TrainConfig, out_dir: str | Path,
             raise ValueError("the cohort has no `label` column in cohort.yaml: cannot train a classifier")
         bags = bags.subset(np.flatnonzero(bags.label >= 0))
     if folds is None:
-        folds = make_fold_table(bags.ids, bags.event, config.folds, config.seed, bags.label)
+        folds = make_fold_table(bags.ids, bags.event, config.folds, config.seed)
     check_fold_table(folds, config)
     fold_metrics, all_preds = [], []
     config_hash = hash_config(asdict(config))
