@@ -43,6 +43,7 @@ def reported(tiny_run, tmp_path_factory):
     config = dict(model=MODEL, folds=3, epochs=15, patience=6, hidden=32)
     train_stage(layout, cohort, TrainConfig(**config))
     train_stage(layout, cohort, TrainConfig(**config, task="classification"))
+    train_stage(layout, cohort, TrainConfig(**{**config, "model": "abmil"}))  # reads slides only
     train_stage(layout, cohort, TrainConfig(model="clinical_cox", folds=3))
     analysis = analyze_run(layout, cohort, n_boot=200)
     patients = [no_genes, slides.loc[failed_slide, "patient_id"], cohort.patients.index[5]]
@@ -146,13 +147,14 @@ def test_analysis_artifacts(reported):
     layout = reported["layout"]
     summary = pd.read_csv(layout.analysis / "summary.csv")
     assert {MODEL, "clinical_cox", f"{MODEL}-classification"} <= set(summary.model)
-    for name in ("km", "calibration", "forest"):
+    for name in ("km", "calibration", "forest", "decision_curve"):
         for ext in ("png", "svg"):
             assert (layout.analysis / MODEL / f"{name}.{ext}").stat().st_size > 1000
     assert (layout.analysis / f"{MODEL}-classification" / "roc.png").exists()
     json.loads((layout.analysis / "metrics.json").read_text())  # strict JSON (no NaN)
     html = (layout.analysis / "report.html").read_text()
     assert "<img" in html and 'src="data:image/png;base64,' in html and 'src="/' not in html
+    assert 'id="tripod"' in html and "for a person to write" in html and "median follow-up" in html
 
 
 def _open(page, path):
@@ -186,7 +188,8 @@ def test_reports_render_in_headless_chromium(reported):
         assert len(images) >= 3 and all(i["ok"] for i in images), images  # survival plot, heatmap, tiles
         group = page.inner_text("#risk-group")
         assert re.search(r"(low|high) risk", group), group
-        assert re.search(r"-?\d+\.\d\d", page.inner_text("#risk-score"))
+        assert re.search(r"percentile \d+ (≥|<) 50, the training cohort's median", page.inner_text("#risk-threshold"))
+        assert re.search(r"12 months\s+\d+%\s+95% CI \d+–\d+%", page.inner_text("#absolute-risk"))
         assert "th" in page.inner_text("#risk-percentile")
         assert page.pdf(format="A4")[:4] == b"%PDF"
         size, ink, colours = _non_blank(page.screenshot(full_page=True))
@@ -271,7 +274,8 @@ def test_integrated_gradients_add_up_to_the_risk_difference(reported):
     """Completeness: genes' and clinical factors' attributions sum to risk(patient) minus the risk
     of the same slides with the training fold's average genomics and clinical profile."""
     from fusion.report.explain import explain_patient
-    from fusion.report.patient import _average_clinical, load_trained
+    from fusion.report.patient import load_trained
+    from fusion.report.patient_sections import average_clinical as _average_clinical
     from fusion.train.data import load_bags
 
     layout, cohort = reported["layout"], reported["cohort"]
@@ -289,3 +293,105 @@ def test_integrated_gradients_add_up_to_the_risk_difference(reported):
         total = e.genomics.sum() + e.clinical.sum()
         assert abs(e.risk - r0) > 1e-3
         assert total == pytest.approx(e.risk - r0, rel=0.05, abs=0.01), (total, e.risk - r0)
+
+
+def test_summary_fits_one_a4_page_and_nothing_overflows(reported):
+    """Printed (print media, A4 width), the summary section is at most one page high, and no element
+    sticks out of the page on either the summary or the detail pages."""
+    from playwright.sync_api import sync_playwright
+
+    from fusion.report.pdf import launch
+
+    width, height = 186 / 25.4 * 96, (297 - 28) / 25.4 * 96  # A4 inside the 12 mm / 14 mm margins, CSS px
+    with sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page(viewport={"width": int(width), "height": int(height)})
+        for pid in reported["patients"]:
+            page.goto((reported["layout"].reports / f"{pid}.html").resolve().as_uri(), wait_until="load")
+            page.emulate_media(media="print")
+            box = page.locator("#summary").bounding_box()
+            assert box["height"] <= height, (pid, box)
+            overflowing = page.evaluate(f"""() => Array.from(document.querySelectorAll('body *'))
+                .filter(e => e.getBoundingClientRect().right > {width} + 1)
+                .map(e => e.tagName + '#' + e.id + '.' + e.className)""")
+            assert not overflowing, (pid, overflowing[:5])
+            text = page.inner_text("#summary")
+            for item in ("Risk group", "Percentile", "Probability of the event", "calibration slope",
+                         "This model reads slides, genomics and clinical data", "Intended use", "Reviewer"):
+                assert item in text, (pid, item)
+        browser.close()
+
+
+def test_every_pdf_page_names_the_patient(reported):
+    from pypdf import PdfReader
+
+    pid = reported["patients"][2]
+    reader = PdfReader(reported["layout"].reports / f"{pid}.pdf")
+    assert len(reader.pages) >= 2  # the summary page, then the details
+    for number, page in enumerate(reader.pages, 1):
+        text = page.extract_text()
+        assert f"Patient {pid}" in text and f"page {number} of {len(reader.pages)}" in text, (number, text[:200])
+
+
+def test_a_slide_only_model_says_only_what_it_reads(reported):
+    """An abmil report: 'reads slides', genomics and clinical 'not used', and no flag about genomics
+    even for the patient without any."""
+    layout, cohort = reported["layout"], reported["cohort"]
+    pid = reported["no_genes"]
+    [html] = write_reports(layout, cohort, "abmil", [pid], out_dir=layout.root / "abmil-reports", pdf=False)
+    text = re.sub(r"<[^>]+>", " ", re.sub(r'data:[^"]+', "", html.read_text()))
+    assert "This model reads slides." in text and "slides, genomics" not in text
+    assert "No genomics" not in text and "missing genomics" not in text
+    assert "What moved the risk" not in text  # no genes or clinical factors to attribute
+
+
+def test_new_patients_outside_the_training_cohort_are_warned_about(reported, tmp_path):
+    """Scored by another run's model, a patient aged 150 (training: 30-90) is flagged in plain words."""
+    layout, cohort = reported["layout"], reported["cohort"]
+    cohort_dir = tmp_path / "cohort"
+    shutil.copytree(cohort.root, cohort_dir)
+    patients = pd.read_csv(cohort_dir / "patients.csv", dtype={"patient_id": str})
+    pid = reported["patients"][2]
+    patients.loc[patients.patient_id == pid, "age"] = 150
+    patients.to_csv(cohort_dir / "patients.csv", index=False)
+    other = init_run(tmp_path / "other", cohort_dir)
+    for part in ("tiles", "features"):
+        shutil.copytree(layout.root / part, other.root / part)
+    other, other_cohort = open_run(other.root)
+    [html] = write_reports(other, other_cohort, layout.model_dir(MODEL), [pid], pdf=False)
+    text = html.read_text()
+    assert "Unlike the training cohort: age = 150 lies outside the range of the training patients" in text
+    assert "mean percentile of the 3 fold models" in text
+
+
+def test_signing_writes_numbered_copies_and_an_audit_trail(reported, tmp_path):
+    import hashlib
+
+    from fusion.report.signing import sign_report
+
+    reports = tmp_path / "reports"
+    shutil.copytree(reported["layout"].reports, reports)
+    pid = reported["patients"][2]
+    draft = reports / f"{pid}.html"
+    first = sign_report(reports, pid, "Dr A. Reviewer", "pathologist", "agree with comment", "consistent with grade")
+    assert first.name == f"{pid}.v1.signed.html"
+    signed = first.read_text()
+    assert 'data-state="signed"' in signed and "Dr A. Reviewer" in signed and "consistent with grade" in signed
+    assert 'data-state="unsigned"' in draft.read_text()  # the draft itself is untouched
+    second = sign_report(reports, pid, "Dr B", decision="disagree")
+    assert second.name == f"{pid}.v2.signed.html" and first.read_text() == signed  # never overwritten
+    log = [json.loads(line) for line in (reports / "audit.jsonl").read_text().splitlines()]
+    assert [e["version"] for e in log] == [1, 2] and log[0]["reviewer"] == "Dr A. Reviewer"
+    assert log[0]["signed_sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
+    assert log[0]["draft_sha256"] == hashlib.sha256(draft.read_bytes()).hexdigest()
+    # A draft rewritten after a signature says so, and the log records it.
+    layout, cohort = reported["layout"], reported["cohort"]
+    [new] = write_reports(layout, cohort, MODEL, [pid], out_dir=reports, pdf=False)
+    assert f"{pid}.v1.signed.html, {pid}.v2.signed.html" in new.read_text()
+    assert json.loads((reports / "audit.jsonl").read_text().splitlines()[-1])["status"] == "rewritten-after-signature"
+    from fusion.errors import RunError
+
+    with pytest.raises(ValueError, match="decision must be one of"):
+        sign_report(reports, pid, "Dr C", decision="maybe")
+    with pytest.raises(RunError, match="no draft report for patient NOPE"):
+        sign_report(reports, "NOPE", "Dr C")

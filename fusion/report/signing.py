@@ -41,9 +41,9 @@ def sign_off_block(reviewer: str | None = None, role: str | None = None, date: s
         return html.escape(value) if value else '<span class="blank"></span>'
 
     title = f"Reviewed and signed (version {version})" if version else "Review (to be completed by the reviewer)"
-    rows = "".join(f"<tr><th>{label}</th><td>{cell(v)}</td></tr>" for label, v in
-                   (("Reviewer", reviewer), ("Role", role), ("Date", date), ("Decision", decision),
-                    ("Comment", comment)))
+    rows = (f"<tr><th>Reviewer</th><td>{cell(reviewer)}</td><th>Role</th><td>{cell(role)}</td></tr>"
+            f"<tr><th>Date</th><td>{cell(date)}</td><th>Decision</th><td>{cell(decision)}</td></tr>"
+            f'<tr><th>Comment</th><td colspan="3">{cell(comment)}</td></tr>')
     state = "signed" if version else "unsigned"
     return (f'<!-- sign-off --><section id="sign-off" class="sign-off" data-state="{state}"><h2>{title}</h2>'
             f"<table>{rows}</table></section><!-- /sign-off -->")
