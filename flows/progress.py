@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 
 from rich.console import Console
@@ -50,6 +51,7 @@ def show_progress(console: Console | None = None) -> Iterator[Progress]:
     with progress:
         for h, _ in saved:
             h.console = progress.console
+            h.setFormatter(_OneLine(h.formatter))
         _current = progress
         try:
             yield progress
@@ -57,6 +59,22 @@ def show_progress(console: Console | None = None) -> Iterator[Progress]:
             _current = outer
             for h, c in saved:
                 h.console = c
+                if isinstance(h.formatter, _OneLine):
+                    h.setFormatter(h.formatter.inner)
+
+
+class _OneLine(logging.Formatter):
+    """On the terminal a failure is one line (the command prints the error itself); the traceback
+    still reaches Prefect's API and UI, and shows here with FUSION_DEBUG=1."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info and not os.environ.get("FUSION_DEBUG"):
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+        return self.inner.format(record)
 
 
 def _prefect_console_handlers() -> list:

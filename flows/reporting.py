@@ -57,8 +57,11 @@ def report_task(run: str, model: str, patient_ids: list[str] | None = None, pdf:
         return reports
     paths = [str(p) for p in write_reports(layout, cohort, model, patient_ids, pdf=pdf, horizons=horizons)
              if p.suffix == ".html"]
-    mark_stage(layout, stage, inputs_hash, reports=len(paths))
-    layout.ledger.record("report", model, "done", inputs_hash=inputs_hash, outputs=paths)
+    wanted = len(cohort.patients) if patient_ids is None else len(patient_ids)
+    if len(paths) == wanted:  # a patient whose report failed is tried again by the next run
+        mark_stage(layout, stage, inputs_hash, reports=len(paths))
+    layout.ledger.record("report", model, "done" if len(paths) == wanted else "partial", inputs_hash=inputs_hash,
+                         outputs=paths, failed=wanted - len(paths))
     return paths
 
 

@@ -3,7 +3,9 @@ encoded and scored with the trained model's fold ensemble; their reports are wri
 
 The flow takes the config file's path, not its contents, so a deployment served for months reads
 the file as it is on the night it runs. Every step is idempotent (see `fusion.scoring`): a night
-that crashed is finished by the next one, and a patient is never scored twice.
+that crashed is finished by the next one, and a patient is never scored twice. The inbox keeps a
+patient until its prediction (and report) are durably written; a patient that cannot be taken in,
+tiled, scored or reported moves to INBOX/failed/<batch>/ with the reason, and the others go on.
 """
 
 import time
@@ -18,14 +20,25 @@ from flows.runners import dask_cluster, slide_task_runner
 from flows.tiling import tile_cohort
 from fusion.pipeline_config import PipelineConfigError, load_pipeline_config
 from fusion.run import init_run, open_run
-from fusion.scoring import intake_inbox, merge_predictions, model_encoder, subset_cohort, unscored
+from fusion.scoring import (
+    intake_inbox,
+    merge_predictions,
+    model_encoder,
+    move_to_failed,
+    release_inbox,
+    retract,
+    scored,
+    subset_cohort,
+    unscored,
+)
 
 DEPLOYMENT = "nightly-scoring"
 
 
 @task(name="intake", cache_policy=NO_CACHE)
-def intake_task(inbox: str, cohort_dir: str, template: str) -> list[str]:
-    return intake_inbox(inbox, cohort_dir, template)
+def intake_task(inbox: str, cohort_dir: str, template: str, batch: str) -> dict:
+    intake = intake_inbox(inbox, cohort_dir, template, batch)
+    return {"arrived": intake.arrived, "failed": intake.failed}
 
 
 @task(name="score", cache_policy=NO_CACHE)
@@ -40,16 +53,25 @@ def score_task(run: str, model_dir: str, patient_ids: list[str], batch: str) -> 
 
 
 @task(name="report-new", cache_policy=NO_CACHE)
-def report_new_task(run: str, model_dir: str, patient_ids: list[str], pdf: bool = False) -> list[str]:
+def report_new_task(run: str, model_dir: str, patient_ids: list[str], pdf: bool = False) -> dict:
+    """Reports of these patients: {"reports": paths, "failed": {patient: reason}} (one patient's
+    failure is recorded in the ledger by `write_reports` and does not stop the others)."""
     from fusion.report.patient import write_reports
 
     layout, cohort = open_run(run)
-    return [str(p) for p in write_reports(layout, cohort, model_dir, patient_ids, pdf=pdf) if p.suffix == ".html"]
+    since = len(layout.ledger.entries())
+    written = [str(p) for p in write_reports(layout, cohort, model_dir, patient_ids, pdf=pdf) if p.suffix == ".html"]
+    done = {Path(p).stem for p in written}
+    reasons = {e["item"]: e.get("error", "") for e in layout.ledger.entries()[since:]
+               if e["step"] == "report" and e["status"] == "failed"}
+    return {"reports": written,
+            "failed": {p: reasons.get(p, "no report was written") for p in patient_ids if p not in done}}
 
 
 @flow(name="fusion-score-inbox", log_prints=True)
 def score_inbox(config_path: str) -> dict:
-    """Take the inbox's new patients into the scoring cohort, score every unscored patient, write reports."""
+    """Take the inbox's new patients into the scoring cohort, score every unscored patient, write
+    reports, then let the inbox forget the patients whose results are written."""
     config = load_pipeline_config(config_path)
     if config.serve is None:
         raise PipelineConfigError(f"{config_path} has no `serve:` section (inbox, workdir, model)")
@@ -60,33 +82,88 @@ def score_inbox(config_path: str) -> dict:
     encoder, tile_set = model_encoder(model_dir)
     cohort_dir, run_dir = serve.workdir / "cohort", serve.workdir / "run"
     batch = time.strftime("%Y%m%dT%H%M%S")
+    result = {"batch": batch, "arrived": [], "patients": [], "reports": [], "failed": [], "failed_patients": {}}
 
-    arrived = intake_task(str(serve.inbox), str(cohort_dir), str(config.cohort))
+    intake = intake_task(str(serve.inbox), str(cohort_dir), str(config.cohort), batch)
+    result.update(arrived=intake["arrived"], failed_patients=dict(intake["failed"]))
     if not (cohort_dir / "cohort.yaml").exists():
         print("inbox empty and nothing scored yet")
-        return {"batch": batch, "patients": [], "reports": []}
+        return result
     run = str(init_run(run_dir, cohort_dir).root)
     layout, cohort = open_run(run)
     todo = unscored(layout, cohort, model_dir.name)
-    if not todo:
+    scores: list[dict] = []
+    if todo:
+        todo, scores, slide_failures = _score(config, run, cohort_dir, str(model_dir), todo, batch, encoder,
+                                              tile_set, result)
+        result["failed"] = slide_failures
+    else:
         print(f"no new patient in {serve.inbox}")
-        return {"batch": batch, "patients": [], "reports": []}
-    slides = [str(s) for s in cohort.slides[cohort.slides.patient_id.isin(todo)].slide_id]
+    result["patients"] = todo
+    if serve.reports:
+        missing = [p for p in scored(layout, model_dir.name) if not layout.report_path(p).exists()]
+        reported = report_new_task(run, str(model_dir), missing, config.report.pdf) if missing else {"reports": [],
+                                                                                                     "failed": {}}
+        result["reports"] = [r for r in reported["reports"] if Path(r).stem in set(todo)]
+        _fail(serve.inbox, cohort_dir, layout, model_dir.name, reported["failed"], batch, result, "report")
+    done = scored(layout, model_dir.name)
+    if serve.reports:
+        done = {p for p in done if layout.report_path(p).exists()}
+    released = release_inbox(serve.inbox, done)
+    layout.ledger.record("serve", batch, "done", arrived=result["arrived"], scored=todo, released=released,
+                         failed=result["failed_patients"])
+    if result.get("predictions"):
+        create_markdown_artifact(key="fusion-scoring", markdown=_markdown(result, scores),
+                                 description=f"fusion scoring batch {batch}")
+        get_run_logger().info("scored %d patient(s) into %s", len(todo), result["predictions"])
+    if result["failed_patients"]:
+        get_run_logger().warning("%d patient(s) moved to %s: %s", len(result["failed_patients"]),
+                                 Path(serve.inbox) / "failed" / batch, ", ".join(sorted(result["failed_patients"])))
+    return result
+
+
+def _score(config, run: str, cohort_dir: Path, model_dir: str, todo: list[str], batch: str, encoder: str,
+           tile_set: str, result: dict) -> tuple[list[str], list[dict], list[str]]:
+    """Tile, encode and score the unscored patients; a patient with a failed slide, or that the model
+    cannot score, fails alone. Returns (scored ids, their scores, failed slide ids)."""
+    layout, cohort = open_run(run)
+    slides = set(cohort.slides[cohort.slides.patient_id.isin(todo)].slide_id)
     with dask_cluster(config.dask_workers, config.dask_address) as address:
         runner = slide_task_runner(config.workers, address)
         tiled = tile_cohort.with_options(task_runner=runner)(str(cohort_dir), run, config.tiling.build(),
                                                              config.tiling.mpp, tile_set)
         ok = [r["slide_id"] for r in tiled if r["status"] != "failed" and r["slide_id"] in slides]
-        extract_cohort.with_options(task_runner=runner)(run, [encoder], config.extract.build(), tile_set,
-                                                        slides=ok, gpu_slots=config.extract.gpu_slots)
-    scored = score_task(run, str(model_dir), todo, batch)
-    reports = report_new_task(run, str(model_dir), todo, config.report.pdf) if serve.reports else []
-    result = {"batch": batch, "arrived": arrived, "patients": todo, "predictions": scored["predictions"],
-              "reports": reports, "failed": [r["slide_id"] for r in tiled if r["status"] == "failed"]}
-    create_markdown_artifact(key="fusion-scoring", markdown=_markdown(result, scored["scores"]),
-                             description=f"fusion scoring batch {batch}")
-    get_run_logger().info("scored %d patient(s) into %s", len(todo), scored["predictions"])
-    return result
+        extracted = extract_cohort.with_options(task_runner=runner)(run, [encoder], config.extract.build(), tile_set,
+                                                                    slides=ok, gpu_slots=config.extract.gpu_slots)
+    bad = {r["slide_id"]: r["error"] for r in tiled + extracted if r["status"] == "failed" and r["slide_id"] in slides}
+    owner = dict(zip(cohort.slides.slide_id, cohort.slides.patient_id, strict=True))
+    reasons: dict[str, str] = {}
+    for sid, error in bad.items():
+        reasons[owner[sid]] = f"{reasons[owner[sid]]}; " if owner[sid] in reasons else ""
+        reasons[owner[sid]] += f"slide {sid}: {error}"
+    _fail(config.serve.inbox, cohort_dir, layout, Path(model_dir).name, reasons, batch, result, "tile")
+    todo = [p for p in todo if p not in reasons]
+    if not todo:
+        return [], [], sorted(bad)
+    scored_now = score_task(run, model_dir, todo, batch)
+    result["predictions"] = scored_now["predictions"]
+    got = {s["patient_id"] for s in scored_now["scores"]}
+    unusable = {p: f"the model cannot score this patient: no usable '{encoder}' features (every slide failed or "
+                   "none was given) and the model reads slides only" for p in todo if p not in got}
+    _fail(config.serve.inbox, cohort_dir, layout, Path(model_dir).name, unusable, batch, result, "score")
+    return [p for p in todo if p in got], scored_now["scores"], sorted(bad)
+
+
+def _fail(inbox, cohort_dir: Path, layout, model: str, reasons: dict[str, str], batch: str, result: dict,
+          step: str) -> None:
+    """Patients that failed at `step`: out of the scoring cohort, and to INBOX/failed/<batch>/ with the reason."""
+    if not reasons:
+        return
+    retract(cohort_dir, layout, model, set(reasons))
+    move_to_failed(inbox, reasons, batch)
+    for pid, why in reasons.items():
+        layout.ledger.record("serve", pid, "failed", stage=step, error=why, batch=batch)
+    result["failed_patients"].update(reasons)
 
 
 def _markdown(result: dict, scores: list[dict]) -> str:

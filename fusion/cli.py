@@ -2,15 +2,54 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
 
-from fusion.errors import FusionError
+from fusion.errors import FusionError, storage_error
+
+
+def error_line(e: BaseException) -> tuple[str, int]:
+    """What the user is told about an error that ended a command, and the exit code: bad input or a
+    refusing environment (2: one line saying what to do), or a bug (3: one line; FUSION_DEBUG=1
+    shows the traceback)."""
+    storage = storage_error(e)
+    if storage is not None:
+        return str(storage), 2
+    if isinstance(e, FusionError | ValueError):
+        return str(e), 2
+    if isinstance(e, OSError):
+        what = e.strerror or str(e)
+        return (f"{what}: {e.filename}" if e.filename else what), 2
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted; every finished file is complete, and a rerun picks up where this one stopped", 130
+    return (f"unexpected {type(e).__name__}: {' '.join(str(e).split())[:300]} (a bug in fusion: rerun with "
+            "FUSION_DEBUG=1 to see where, and report it)"), 3
+
+
+class _Commands(TyperGroup):
+    """Every command ends in a result or one error line and a non-zero exit, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the last line of defence
+            if os.environ.get("FUSION_DEBUG"):
+                raise
+            message, code = error_line(e)
+            err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code) from None
+
 
 # Only what `fusion --help` needs is imported here: each command imports its own libraries (torch,
 # scikit-survival, Prefect, rich's progress and tables), so start-up stays ~0.2 s (issue 17).
@@ -18,7 +57,7 @@ from fusion.errors import FusionError
 # rich_markup_mode=None: click's plain help. Typer's rich help imports rich's Markdown renderer (~0.1 s,
 # half of `fusion --help`); the commands still print with rich.
 app = typer.Typer(help="Multimodal pathology pipeline: slides -> tiles -> features -> fusion models -> risk.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
+                  no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None, cls=_Commands)
 cohort_app = typer.Typer(help="Inspect and validate cohort folders.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(cohort_app, name="cohort")
 console = Console()
@@ -39,7 +78,7 @@ def Table(*columns: str, **kwargs):  # noqa: N802 - rich's class, imported when 
 
 
 def _fail(e: Exception) -> None:
-    err.print(f"[bold red]error:[/] {e}")
+    err.print(f"[bold red]error:[/] {escape(error_line(e)[0])}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -95,14 +134,21 @@ def example(
 
 
 @cohort_app.command("validate")
-def cohort_validate(folder: Annotated[Path, typer.Argument(help="Cohort folder with cohort.yaml.")]) -> None:
+def cohort_validate(
+    folder: Annotated[Path, typer.Argument(help="Cohort folder with cohort.yaml.")],
+    strict: Annotated[bool, typer.Option(help="A missing slide file is an error (default: a warning; that "
+                                         "slide alone fails when the pipeline runs).")] = False,
+) -> None:
     """Check cohort.yaml and every table; list every problem at once (file, line, column)."""
     from fusion.cohort import load_cohort
 
     try:
-        cohort = load_cohort(folder)
+        cohort = load_cohort(folder, strict=strict)
     except FusionError as e:
         _fail(e)
+    for problem in cohort.missing_slides.values():
+        err.print(f"[yellow]warning:[/] {escape(problem)} (this slide will fail alone; --strict makes it an error)",
+                  highlight=False)
     g = "none" if cohort.genomics is None else f"{cohort.genomics.shape[1]} genes for {len(cohort.genomics)}"
     console.print(f"[green]ok[/]: {len(cohort.patients)} patients ({int(cohort.event.sum())} events), "
                   f"{len(cohort.slides)} slides, genomics: {g}")
@@ -151,9 +197,10 @@ def tile(
         else:
             from flows.progress import show_progress
             from flows.runners import dask_cluster, slide_task_runner
+            from flows.server import prefect_api
             from flows.tiling import tile_cohort
 
-            with dask_cluster(dask_workers, dask_address) as address, show_progress(console):
+            with prefect_api(), dask_cluster(dask_workers, dask_address) as address, show_progress(console):
                 flow = tile_cohort.with_options(task_runner=slide_task_runner(workers, address))
                 results = flow(str(cohort), str(out), config, mpp, tile_set)
     except (FusionError, ValueError) as e:
@@ -175,14 +222,15 @@ def _parse_override(text: str) -> tuple[str, float | bool]:
 
 def _tile_locally(cohort: Path, out: Path, config, mpp: float | None, tile_set: str) -> list[dict]:
     from fusion.run import init_run, open_run
-    from fusion.stages import slide_rows, tile_one
+    from fusion.stages import RETRY_DELAYS, fail_missing_slides, slide_rows, tile_one
 
     init_run(out, cohort)
     layout, c = open_run(out)
-    results = []
+    results = fail_missing_slides(layout, c, "tile", tile_set)
     with _progress() as progress:
-        for sid, path in progress.track(slide_rows(c), description="tiling slides"):
-            results.append(tile_one(layout, sid, path, config, mpp, tile_set))
+        todo = [(sid, path) for sid, path in slide_rows(c) if sid not in c.missing_slides]
+        for sid, path in progress.track(todo, description="tiling slides"):
+            results.append(tile_one(layout, sid, path, config, mpp, tile_set, retry_delays=RETRY_DELAYS))
     return results
 
 
@@ -201,7 +249,7 @@ def extract(
     """Encode every tile with the chosen encoder(s) into RUN/features/<encoder>/<slide>.h5."""
     from fusion.features import ExtractConfig
     from fusion.run import open_run
-    from fusion.stages import build_encoders, extract_one, slide_rows
+    from fusion.stages import RETRY_DELAYS, build_encoders, extract_one, fail_missing_slides, slide_rows
 
     try:
         layout, c = open_run(run)
@@ -210,10 +258,11 @@ def extract(
         _fail(e)
     config = ExtractConfig(batch_size=batch_size, num_workers=workers, min_sharpness=min_sharpness,
                            stain_normalize=stain_normalize)
-    results = []
+    results = fail_missing_slides(layout, c, "extract", tile_set)
     with _progress() as progress:
-        for sid, path in progress.track(slide_rows(c), description="extracting features"):
-            results.append(extract_one(layout, sid, path, encoders, config, tile_set))
+        todo = [(sid, path) for sid, path in slide_rows(c) if sid not in c.missing_slides]
+        for sid, path in progress.track(todo, description="extracting features"):
+            results.append(extract_one(layout, sid, path, encoders, config, tile_set, retry_delays=RETRY_DELAYS))
     _report(results, "tiles", strict)
 
 
@@ -518,6 +567,10 @@ def report(
     html = [p for p in written if p.suffix == ".html"]
     console.print(f"{len(html)} report(s) -> {html[0].parent if html else out}"
                   + (f" (+ {len(written) - len(html)} PDF)" if pdf else ""))
+    asked = len(c.patients) if ids is None else len(ids)
+    if len(html) < asked:  # each failure is in the ledger with its reason; the other reports were written
+        err.print(f"[yellow]{asked - len(html)} report(s) failed[/] (reasons in {layout.root / 'ledger.jsonl'})",
+                  highlight=False)
 
 
 @app.command("run")
@@ -545,11 +598,12 @@ def run_pipeline(
     from flows.pipeline import pipeline
     from flows.progress import show_progress
     from flows.runners import dask_cluster
+    from flows.server import prefect_api
     from fusion.train.loop import TrainConfig
     from fusion.wsi import TilingConfig
 
     try:
-        with dask_cluster(dask_workers, dask_address) as address, show_progress(console):
+        with prefect_api(), dask_cluster(dask_workers, dask_address) as address, show_progress(console):
             summary = pipeline(str(cohort), str(out),
                                tiling=TilingConfig(target_mpp=target_mpp, patch_size=patch_size),
                                train=TrainConfig(model=model, encoder=encoder, folds=folds, epochs=epochs, seed=seed),
@@ -586,11 +640,12 @@ def pipeline_cmd(
     """
     from flows.pipeline import pipeline_from_config
     from flows.progress import show_progress
+    from flows.server import prefect_api
     from fusion.pipeline_config import load_pipeline_config
 
     try:
         cfg = load_pipeline_config(config, dask_address=dask_address, dask_workers=dask_workers)
-        with show_progress(console):
+        with prefect_api(), show_progress(console):
             summary = pipeline_from_config(cfg)
     except (FusionError, ValueError) as e:
         _fail(e)
@@ -617,13 +672,19 @@ def serve(
     them. Schedules need a Prefect server (`prefect server start`, PREFECT_API_URL set); the
     process serves until stopped with Ctrl-C. `--once` runs one scoring now, on any Prefect setup.
     """
+    from flows.progress import show_progress
     from flows.scoring import score_inbox, serve_scoring
+    from flows.server import prefect_api
 
     try:
         if once:
-            result = score_inbox(str(config.resolve()))
+            with prefect_api(), show_progress(console):
+                result = score_inbox(str(config.resolve()))
             console.print(f"{len(result['patients'])} patient(s) scored"
                           + (f" into {result['predictions']}" if result["patients"] else ""))
+            for pid, why in sorted(result["failed_patients"].items()):
+                err.print(f"[yellow]failed[/] {escape(pid)}: {escape(why)} (moved to the inbox's failed/"
+                          f"{result['batch']}/)", highlight=False)
             return
         if work_pool:
             serve_scoring(config, cron, name, work_pool)
@@ -697,7 +758,7 @@ def _report(results: list[dict], unit: str, strict: bool = False) -> None:
     n = sum(r.get("n_tiles") or 0 for r in results)
     console.print(f"{done} done, {skipped} already up to date, {len(failed)} failed; {n} {unit}")
     for r in failed:
-        err.print(f"[red]failed[/] {r['slide_id']}: {r['error']}")
+        err.print(f"[red]failed[/] {escape(r['slide_id'])}: {escape(r['error'])}", highlight=False)
     if failed and (strict or len(failed) == len(results)):
         raise typer.Exit(1)
 

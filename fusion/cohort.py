@@ -4,10 +4,18 @@ Validation collects every problem (file, line, column, what is wrong) and raises
 `CohortError` listing them all, so a user fixes a table in one pass instead of one error a run.
 Line numbers are the lines of the file as a spreadsheet or editor shows them: the header is
 line 1, the first patient line 2.
+
+Ids are data, never paths: a patient or slide id becomes part of file names (tiles, features,
+reports), so it must match `ID_PATTERN` (letters, digits, `.`, `_`, `-`; it starts with a letter
+or digit; at most 128 characters; no `..`). A slide file that is missing is not a cohort
+problem but that slide's own failure (`Cohort.missing_slides`), so one lost file does not stop
+the cohort; `strict=True` makes it one.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -20,6 +28,34 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fusion.errors import CohortError
 
 COHORT_FILE = "cohort.yaml"
+ID_MAX = 128
+ID_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{ID_MAX - 1}}}")
+ID_RULE = (f"ids are 1-{ID_MAX} letters, digits, '.', '_' or '-', starting with a letter or digit, "
+           "without '..' (they become file names)")
+
+
+def id_problem(value: object) -> str | None:
+    """Why `value` cannot be a patient or slide id (it becomes a file name), or None when it can."""
+    text = str(value)
+    if not ID_PATTERN.fullmatch(text):
+        return f"'{_shown(text)}' is not a valid id: {ID_RULE}"
+    if ".." in text:
+        return f"'{_shown(text)}' is not a valid id: it contains '..'"
+    return None
+
+
+def check_id(value: object, what: str = "id") -> str:
+    """`value` as a string when it is a valid id, else a ValueError naming it and the rule."""
+    problem = id_problem(value)
+    if problem:
+        raise ValueError(f"{what} {problem}")
+    return str(value)
+
+
+def _shown(text: str, limit: int = 60) -> str:
+    """A value as it may be printed in one error line: control characters escaped, long ones cut."""
+    text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class Tables(BaseModel):
@@ -71,6 +107,8 @@ class Cohort:
     slides: pd.DataFrame  # columns slide_id, patient_id, path (absolute)
     patients: pd.DataFrame
     genomics: pd.DataFrame | None
+    # slide_id -> why the slide's file cannot be used (not found); each is that slide's failure
+    missing_slides: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def time(self) -> np.ndarray:
@@ -89,15 +127,48 @@ class Cohort:
 
 
 def read_table(path: Path) -> pd.DataFrame:
-    """Read CSV or Parquet by extension; ids are kept as strings."""
+    """Read CSV (UTF-8, with or without a byte-order mark) or Parquet by extension; ids are kept as strings.
+
+    A file that cannot be read raises ValueError with a hint: `;`-separated or tab-separated
+    text, UTF-16 (Excel's "Unicode text"), bytes that are not UTF-8, a truncated Parquet file.
+    """
     if path.suffix.lower() in {".parquet", ".pq"}:
-        df = pd.read_parquet(path)
+        try:
+            df = pd.read_parquet(path)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+            raise ValueError(f"not a readable Parquet file ({_first_line(e)}); write it again, or use CSV") from None
     else:
-        df = pd.read_csv(path, dtype={"patient_id": str, "slide_id": str})
+        df = _read_csv(path)
     for col in ("patient_id", "slide_id"):
         if col in df.columns:
             df[col] = df[col].astype("string").str.strip().astype(object)
     return df
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ValueError("the file is UTF-16 text (Excel's 'Unicode text'); save it as 'CSV UTF-8 (comma delimited)'")
+    try:
+        df = pd.read_csv(path, dtype={"patient_id": str, "slide_id": str}, encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                         "save it as 'CSV UTF-8 (comma delimited)'") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise ValueError(f"not a valid CSV table ({_first_line(e)})") from None
+    if len(df.columns) == 1:
+        header = str(df.columns[0])
+        for sep, name in ((";", "semicolons"), ("\t", "tabs")):
+            if sep in header:
+                raise ValueError(f"its columns are separated by {name}, not commas (header '{_shown(header)}'); "
+                                 "save it as comma-separated CSV (in Excel: 'CSV UTF-8 (comma delimited)')")
+    return df
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return _shown(text[0] if text else type(e).__name__, 160)
 
 
 def load_spec(root: Path) -> CohortSpec:
@@ -105,43 +176,41 @@ def load_spec(root: Path) -> CohortSpec:
     if not path.is_file():
         raise CohortError(str(root), [f"{COHORT_FILE} not found in {root}"])
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+        if not isinstance(raw, dict):
+            raise CohortError(str(path), ["expected a mapping of settings (see data/README.md)"])
         return CohortSpec.model_validate(raw)
+    except UnicodeDecodeError:
+        raise CohortError(str(path), ["not UTF-8 text; save it as UTF-8"]) from None
     except yaml.YAMLError as e:
-        raise CohortError(str(path), [f"not valid YAML: {e}"]) from None
+        raise CohortError(str(path), [f"not valid YAML: {_shown(str(e), 200)}"]) from None
     except ValidationError as e:
         problems = [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
         raise CohortError(str(path), problems) from None
 
 
-def load_cohort(root: str | Path, *, check_files: bool = True) -> Cohort:
-    """Load and validate a cohort folder; raise `CohortError` listing every problem."""
+def load_cohort(root: str | Path, *, check_files: bool = True, strict: bool = False,
+                external_paths: bool | None = None) -> Cohort:
+    """Load and validate a cohort folder; raise `CohortError` listing every problem.
+
+    With `check_files`, slide files that do not exist are listed in `Cohort.missing_slides` (each
+    is that slide's failure); with `strict` they are problems too. `external_paths=False` refuses
+    slide paths outside the folder whatever `cohort.yaml` allows (an inbox of files from elsewhere).
+    """
     root = Path(root).resolve()
     spec = load_spec(root)
+    if external_paths is not None:
+        spec = spec.model_copy(update={"allow_external_paths": external_paths})
     problems: list[str] = []
-
-    tables: dict[str, pd.DataFrame | None] = {}
-    for role in ("slides", "patients", "genomics"):
-        name = getattr(spec.tables, role)
-        if name is None:
-            tables[role] = None
-            continue
-        path = root / name
-        if not path.is_file():
-            problems.append(f"{name}: file not found (named as tables.{role} in {COHORT_FILE})")
-            tables[role] = None
-            continue
-        try:
-            tables[role] = read_table(path)
-        except Exception as e:  # noqa: BLE001 - any parser failure is a cohort problem
-            problems.append(f"{name}: cannot be read: {e}")
-            tables[role] = None
-
+    tables = {role: _load_table(root, spec, role, problems) for role in ("slides", "patients", "genomics")}
     patients, slides, genomics = tables["patients"], tables["slides"], tables["genomics"]
     if patients is not None:
         problems += _check_patients(patients, spec)
+    missing: dict[str, str] = {}
     if slides is not None:
-        problems += _check_slides(slides, spec, root, patients, check_files)
+        problems += _check_slides(slides, spec, root, patients, missing if check_files else None)
+        if strict:
+            problems += list(missing.values())
     if genomics is not None:
         problems += _check_genomics(genomics, spec, patients)
     if problems:
@@ -158,7 +227,26 @@ def load_cohort(root: str | Path, *, check_files: bool = True) -> Cohort:
             cols = list(spec.genomics)
         genomics = genomics.set_index("patient_id")[cols].astype(float)
         genomics.index.name = None
-    return Cohort(root, spec, slides.reset_index(drop=True), patients, genomics)
+    return Cohort(root, spec, slides.reset_index(drop=True), patients, genomics, missing)
+
+
+def _load_table(root: Path, spec: CohortSpec, role: str, problems: list[str]) -> pd.DataFrame | None:
+    """The table named as `tables.<role>`, or None with the reason appended to `problems`."""
+    name = getattr(spec.tables, role)
+    if name is None:
+        return None
+    path = root / name
+    if not path.resolve().is_relative_to(root):
+        problems.append(f"{COHORT_FILE}: tables.{role} '{_shown(name)}' leaves the cohort folder; keep it inside")
+        return None
+    if not path.is_file():
+        problems.append(f"{name}: file not found (named as tables.{role} in {COHORT_FILE})")
+        return None
+    try:
+        return read_table(path)
+    except (ValueError, OSError) as e:
+        problems.append(f"{name}: cannot be read: {e}")
+        return None
 
 
 def _line(i: int) -> str:
@@ -179,6 +267,24 @@ def _blank_ids(df: pd.DataFrame, col: str, table: str) -> list[str]:
     return [f"{table} {_line(i)}: empty {col}" for i in np.flatnonzero(blank)]
 
 
+def _bad_ids(df: pd.DataFrame, col: str, table: str) -> list[str]:
+    """Ids that cannot be file names, and ids equal but for case (one file on macOS or Windows)."""
+    problems = []
+    seen: dict[str, int] = {}
+    for i, value in enumerate(df[col]):
+        if pd.isna(value) or value == "":
+            continue
+        problem = id_problem(value)
+        if problem:
+            problems.append(f"{table} {_line(i)}: {col} {problem}")
+            continue
+        first = seen.setdefault(str(value).lower(), i)
+        if first != i and df[col].iat[first] != value:
+            problems.append(f"{table} {_line(i)}: {col} '{value}' differs from '{df[col].iat[first]}' "
+                            f"({_line(first)}) only by case; their files would clash on some systems")
+    return problems
+
+
 def _check_patients(df: pd.DataFrame, spec: CohortSpec) -> list[str]:
     t = spec.tables.patients
     time_col, event_col = spec.outcome.time, spec.outcome.event
@@ -187,7 +293,7 @@ def _check_patients(df: pd.DataFrame, spec: CohortSpec) -> list[str]:
         needed.append(spec.label)
     problems = _missing_columns(df, needed, t)
     if "patient_id" in df.columns:
-        problems += _blank_ids(df, "patient_id", t) + _duplicates(df, "patient_id", t)
+        problems += _blank_ids(df, "patient_id", t) + _bad_ids(df, "patient_id", t) + _duplicates(df, "patient_id", t)
     problems += _check_outcomes(df, t, time_col, event_col)
     for col, kind in spec.clinical.items():
         if kind == "numeric" and col in df.columns:
@@ -220,24 +326,31 @@ def _check_outcomes(df: pd.DataFrame, t: str, time_col: str, event_col: str) -> 
 
 
 def _check_slides(
-    df: pd.DataFrame, spec: CohortSpec, root: Path, patients: pd.DataFrame | None, check_files: bool
+    df: pd.DataFrame, spec: CohortSpec, root: Path, patients: pd.DataFrame | None, missing: dict[str, str] | None
 ) -> list[str]:
+    """Problems of the slides table; slide files not found go into `missing` (when given), not problems."""
     t = spec.tables.slides
     problems = _missing_columns(df, ["slide_id", "patient_id", "path"], t)
     if problems:
         return problems
-    problems += _blank_ids(df, "slide_id", t) + _duplicates(df, "slide_id", t)
+    problems += _blank_ids(df, "slide_id", t) + _bad_ids(df, "slide_id", t) + _duplicates(df, "slide_id", t)
     known = set(patients["patient_id"]) if patients is not None and "patient_id" in patients else None
-    for i, (pid, rel) in enumerate(zip(df["patient_id"], df["path"], strict=True)):
+    for i, (sid, pid, rel) in enumerate(zip(df["slide_id"], df["patient_id"], df["path"], strict=True)):
         if known is not None and pid not in known:
-            problems.append(f"{t} {_line(i)}: patient_id '{pid}' is not in {spec.tables.patients}")
-        if not isinstance(rel, str) or not rel:
+            problems.append(f"{t} {_line(i)}: patient_id '{_shown(str(pid))}' is not in {spec.tables.patients}")
+        if not isinstance(rel, str) or not rel.strip():
             problems.append(f"{t} {_line(i)}: empty path")
-        elif not spec.allow_external_paths and not (root / rel).resolve().is_relative_to(root):
-            problems.append(f"{t} {_line(i)}: path '{rel}' leaves the cohort folder; move the slide inside it "
+            continue
+        try:
+            target = (root / rel).resolve()
+        except (OSError, ValueError) as e:  # e.g. a NUL byte in the path
+            problems.append(f"{t} {_line(i)}: path '{_shown(rel)}' is not a usable path ({e})")
+            continue
+        if not spec.allow_external_paths and not target.is_relative_to(root):
+            problems.append(f"{t} {_line(i)}: path '{_shown(rel)}' leaves the cohort folder; move the slide inside it "
                             f"or set `allow_external_paths: true` in {COHORT_FILE}")
-        elif check_files and not (root / rel).is_file():
-            problems.append(f"{t} {_line(i)}: slide file not found: {rel}")
+        elif missing is not None and not target.is_file():
+            missing[str(sid)] = f"{t} {_line(i)}: slide file not found: {_shown(rel)}"
     return problems
 
 

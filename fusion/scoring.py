@@ -2,75 +2,241 @@
 with a trained model's fold ensemble, and leave the inbox (no Prefect here; see flows/scoring.py).
 
 The inbox is a cohort folder (same format: slide files, `slides.csv`, `patients.csv`, optional
-`genomics.csv`; its `cohort.yaml` is copied from the training cohort when missing). Intake is
-ordered so that a crash at any point is repaired by the next run: files are copied into the
-scoring cohort, the scoring tables are rewritten (atomically), then the inbox rows and files are
-removed. Patients of the scoring cohort without a prediction are scored on the next run whatever
-happened before.
+`genomics.csv`; its `cohort.yaml` is copied from the training cohort when missing). Its slide paths
+must stay inside it, whatever the training cohort allows. Every step can be repeated, so a crash at
+any point is repaired by the next run:
+
+1. intake: the inbox is validated; a patient whose rows have a problem moves to `INBOX/failed/`
+   with the reason; the other new patients' files are copied into the scoring cohort and the
+   scoring tables rewritten (atomically). The inbox keeps everything.
+2. the flow tiles, encodes and scores every patient of the scoring cohort without a prediction,
+   and writes their reports; a patient who cannot be scored or reported is taken back out of the
+   scoring cohort and moved to `INBOX/failed/` with the reason.
+3. release: inbox patients whose prediction (and report) are durably written leave the inbox.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import re
 import shutil
 from pathlib import Path
 
 import pandas as pd
 
-from fusion.cohort import COHORT_FILE, Cohort, load_cohort, load_spec, read_table
+from fusion.cohort import COHORT_FILE, Cohort, CohortSpec, load_cohort, load_spec, read_table
+from fusion.errors import CohortError
 from fusion.run import RunLayout
-from fusion.storage import atomic_path, write_table, write_text
+from fusion.storage import atomic_path, read_json, write_table, write_text
+
+FAILED = "failed"  # INBOX/failed/<batch>/: the rows and files of patients that failed, and reason.txt
+_ROLES = ("slides", "patients", "genomics")
+_PROBLEM_LINE = re.compile(r"^(?P<table>[^:]+?) line (?P<line>\d+): ")
+_SAFE_SUFFIX = re.compile(r"(\.[A-Za-z0-9]{1,8}){0,3}")
 
 
-def intake_inbox(inbox: str | Path, cohort_dir: str | Path, template: str | Path) -> list[str]:
-    """Move the inbox's new slides and patients into the scoring cohort at `cohort_dir`.
+@dataclasses.dataclass
+class Intake:
+    """What intake did: patients that came in, and patients refused (id -> reason)."""
 
-    Returns the ids of the patients that came in (new patients and patients with a new slide).
-    The whole inbox is validated first (every problem at once, `CohortError`); nothing moves then.
+    arrived: list[str]
+    failed: dict[str, str]
+
+
+def intake_inbox(inbox: str | Path, cohort_dir: str | Path, template: str | Path, batch: str = "intake") -> Intake:
+    """Copy the inbox's new, valid patients into the scoring cohort at `cohort_dir`.
+
+    Patients whose rows have a problem move to INBOX/failed/<batch>/ with the reason. A problem of
+    the inbox as a whole (a missing column, an unreadable table) raises `CohortError` and moves
+    nothing.
     """
-    inbox, cohort_dir = Path(inbox), Path(cohort_dir)
-    spec_source = Path(template) / COHORT_FILE
-    patients_table = inbox / load_spec(Path(template)).tables.patients
+    inbox, cohort_dir = Path(inbox).resolve(), Path(cohort_dir)
+    if not inbox.is_dir():
+        raise CohortError(str(inbox), ["the inbox folder does not exist; create it (see `serve.inbox` in the config)"])
+    spec = load_spec(Path(template))
+    patients_table = inbox / spec.tables.patients
     if not patients_table.exists() or read_table(patients_table).empty:
-        return []
+        return Intake([], {})
     if not (inbox / COHORT_FILE).exists():
-        write_text(inbox / COHORT_FILE, spec_source.read_text())
+        write_text(inbox / COHORT_FILE, (Path(template) / COHORT_FILE).read_text())
+    failed: dict[str, str] = {}
+    incoming = _load_inbox(inbox, spec, batch, failed)
+    if incoming is None:
+        return Intake([], failed)
     if not (cohort_dir / COHORT_FILE).exists():
         write_text(cohort_dir / COHORT_FILE, (inbox / COHORT_FILE).read_text())
-    incoming = load_cohort(inbox)
-    spec = incoming.spec
-    current = _tables(cohort_dir, spec)
-
+    current = _tables(cohort_dir, incoming.spec)
     new_slides = incoming.slides[~incoming.slides.slide_id.isin(current["slides"].get("slide_id", []))]
     new_patients = incoming.patients[~incoming.patients.patient_id.isin(current["patients"].get("patient_id", []))]
     arrived = sorted(set(new_slides.patient_id) | set(new_patients.patient_id))
 
     copied = []
-    for row in new_slides.itertuples():  # 1. copy files (the inbox keeps its own until step 3)
-        target = cohort_dir / "slides" / f"{row.slide_id}{''.join(Path(row.path).suffixes)}"
+    for row in new_slides.itertuples():  # files first, tables second: a crash in between leaves only spare files
+        target = cohort_dir / "slides" / f"{row.slide_id}{_suffix(row.path)}"
         if not target.exists():
             with atomic_path(target) as tmp:
                 shutil.copyfile(row.path, tmp)
         copied.append({"slide_id": row.slide_id, "patient_id": row.patient_id,
                        "path": str(target.relative_to(cohort_dir))})
-    raw = _tables(inbox, spec)  # 2. the scoring tables, with the inbox rows as the user wrote them
-    write_table(cohort_dir / spec.tables.slides, pd.concat([current["slides"], pd.DataFrame(copied)]))
+    raw = _tables(inbox, incoming.spec)  # the inbox rows as the user wrote them
+    write_table(cohort_dir / incoming.spec.tables.slides, pd.concat([current["slides"], pd.DataFrame(copied)]))
     for role in ("patients", "genomics"):
         if role in raw:
             rows = raw[role][raw[role].patient_id.isin(new_patients.patient_id)]
-            write_table(cohort_dir / getattr(spec.tables, role), pd.concat([current.get(role, pd.DataFrame()), rows]))
+            write_table(cohort_dir / getattr(incoming.spec.tables, role),
+                        pd.concat([current.get(role, pd.DataFrame()), rows]))
+    return Intake(arrived, failed)
 
-    taken = set(incoming.patients.patient_id)  # 3. the inbox forgets what the scoring cohort now holds
-    for name, table in raw.items():
-        write_table(inbox / getattr(spec.tables, name), table[~table.patient_id.isin(taken)])
-    for path in incoming.slides.path:
-        Path(path).unlink(missing_ok=True)
-    return arrived
+
+def _load_inbox(inbox: Path, template_spec: CohortSpec, batch: str, failed: dict[str, str]) -> Cohort | None:
+    """The inbox as a cohort once the patients with row problems have moved to failed/ (None if none is left)."""
+    for _ in range(2):  # problems are found all at once: one pass moves them, the second must be clean
+        try:
+            return load_cohort(inbox, external_paths=False)
+        except CohortError as e:
+            rows = _problem_rows(e, inbox)
+            if rows is None:
+                raise
+            reasons: dict[str, list[str]] = {}
+            for _, _, pid, problem in rows:
+                reasons.setdefault(pid, []).append(problem)
+            joined = {pid: "; ".join(r) for pid, r in reasons.items()}
+            bad: dict[str, set[int]] = {}
+            for role, row, _, _ in rows:
+                bad.setdefault(role, set()).add(row)
+            move_to_failed(inbox, joined, batch, bad)
+            failed.update(joined)
+            if read_table(inbox / template_spec.tables.patients).empty:
+                return None
+    return load_cohort(inbox, external_paths=False)
+
+
+def _problem_rows(error: CohortError, inbox: Path) -> list[tuple[str, int, str, str]] | None:
+    """(table role, row, patient id, problem) for each problem of a table row; None when any problem
+    is not a row's (a missing column, a table that cannot be read): the inbox as a whole is at fault."""
+    try:
+        spec = load_spec(inbox)
+    except CohortError:
+        return None
+    names = {getattr(spec.tables, role): role for role in _ROLES if getattr(spec.tables, role)}
+    raw = _tables(inbox, spec)
+    out = []
+    for problem in error.problems:
+        match = _PROBLEM_LINE.match(problem)
+        role = names.get(match["table"]) if match else None
+        if role is None or role not in raw or "patient_id" not in raw[role].columns:
+            return None
+        row = int(match["line"]) - 2
+        pid = raw[role].patient_id.iat[row]
+        out.append((role, row, "(blank id)" if pd.isna(pid) else str(pid), problem))
+    return out
+
+
+def move_to_failed(inbox: str | Path, reasons: dict[str, str], batch: str,
+                   rows: dict[str, set[int]] | None = None) -> Path | None:
+    """Move the inbox rows and slide files of these patients (and any `rows` by table role and
+    position) to INBOX/failed/<batch>/, with reason.txt. Only files inside the inbox move; the rows
+    keep their paths as written. Returns the folder."""
+    if not reasons:
+        return None
+    inbox = Path(inbox).resolve()
+    spec = load_spec(inbox)
+    target = inbox / FAILED / batch
+    raw = _tables(inbox, spec)
+    ids = set(reasons)
+    for role, table in raw.items():
+        if "patient_id" not in table.columns:
+            continue
+        gone = table.patient_id.isin(ids).to_numpy()
+        gone[[i for i in (rows or {}).get(role, ()) if i < len(table)]] = True
+        if role == "slides" and "path" in table.columns:
+            for rel in table.path[gone].dropna():
+                _move_inside(inbox, str(rel), target)
+        name = getattr(spec.tables, role)
+        if gone.any():
+            old = read_table(target / name) if (target / name).exists() else pd.DataFrame()
+            write_table(target / name, pd.concat([old, table[gone]]))  # the failed copy first, then the inbox forgets
+        write_table(inbox / name, table[~gone])
+    lines = [f"{pid}: {why}" for pid, why in sorted(reasons.items())]
+    old = (target / "reason.txt").read_text() if (target / "reason.txt").exists() else ""
+    write_text(target / "reason.txt", old + "\n".join(lines) + "\n")
+    return target
+
+
+def _move_inside(inbox: Path, rel: str, target: Path) -> None:
+    """Move inbox/<rel> to target/<rel> when it is a file inside the inbox (never anything else)."""
+    try:
+        source = (inbox / rel).resolve()
+    except (OSError, ValueError):
+        return
+    if not source.is_relative_to(inbox) or not source.is_file() or source.is_relative_to(inbox / FAILED):
+        return
+    dest = target / source.relative_to(inbox)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(source, dest)
+
+
+def release_inbox(inbox: str | Path, done: set[str]) -> list[str]:
+    """Remove from the inbox the patients whose results are durably written: rows first, then the
+    slide files inside the inbox (a crash in between leaves only spare files). Returns their ids."""
+    inbox = Path(inbox).resolve()
+    if not done or not (inbox / COHORT_FILE).exists():
+        return []
+    spec = load_spec(inbox)
+    raw = _tables(inbox, spec)
+    if "patient_id" not in raw["patients"].columns:
+        return []
+    leaving = sorted(set(raw["patients"].patient_id) & done)
+    files = []
+    if {"patient_id", "path"} <= set(raw["slides"].columns):
+        files = list(raw["slides"][raw["slides"].patient_id.isin(leaving)].path.dropna())
+    for role, table in raw.items():
+        if "patient_id" in table.columns:
+            write_table(inbox / getattr(spec.tables, role), table[~table.patient_id.isin(leaving)])
+    for rel in files:
+        source = (inbox / str(rel)).resolve()
+        if source.is_relative_to(inbox) and not source.is_relative_to(inbox / FAILED):
+            source.unlink(missing_ok=True)
+    return leaving
+
+
+def retract(cohort_dir: str | Path, layout: RunLayout, model: str, patient_ids: set[str]) -> None:
+    """Take patients back out of the scoring cohort: rows, copied slide files, prediction rows, reports."""
+    cohort_dir = Path(cohort_dir)
+    if not patient_ids or not (cohort_dir / COHORT_FILE).exists():
+        return
+    spec = load_spec(cohort_dir)
+    raw = _tables(cohort_dir, spec)
+    for rel in raw["slides"][raw["slides"].patient_id.isin(patient_ids)].path if len(raw["slides"]) else []:
+        path = (cohort_dir / str(rel)).resolve()
+        if path.is_relative_to(cohort_dir.resolve()):
+            path.unlink(missing_ok=True)
+    for role, table in raw.items():
+        if "patient_id" in table.columns:
+            write_table(cohort_dir / getattr(spec.tables, role), table[~table.patient_id.isin(patient_ids)])
+    path = predictions_path(layout, model)
+    if path.exists():
+        scores = pd.read_parquet(path)
+        write_table(path, scores[~scores.patient_id.isin(patient_ids)], durable=True)
+    for pid in patient_ids:
+        for suffix in (".html", ".pdf"):
+            with contextlib.suppress(ValueError):  # an id that cannot be a file name has no report
+                layout.report_path(pid, suffix).unlink(missing_ok=True)
+
+
+def _suffix(path: str) -> str:
+    """The slide file's extension(s) (`.svs`, `.ome.tiff`), kept for the readers that go by it."""
+    for suffix in ("".join(Path(path).suffixes[-3:]), Path(path).suffix):
+        if _SAFE_SUFFIX.fullmatch(suffix):
+            return suffix
+    return ""
 
 
 def _tables(folder: Path, spec) -> dict[str, pd.DataFrame]:
     out = {}
-    for role in ("slides", "patients", "genomics"):
+    for role in _ROLES:
         name = getattr(spec.tables, role)
         if name and (folder / name).exists():
             out[role] = read_table(folder / name)
@@ -81,13 +247,18 @@ def _tables(folder: Path, spec) -> dict[str, pd.DataFrame]:
 
 def unscored(layout: RunLayout, cohort: Cohort, model: str) -> list[str]:
     """Patients of the scoring cohort without a stored prediction from `model`."""
-    path = predictions_path(layout, model)
-    done = set(pd.read_parquet(path, columns=["patient_id"]).patient_id) if path.exists() else set()
+    done = scored(layout, model)
     return [p for p in cohort.patients.patient_id if p not in done]
 
 
+def scored(layout: RunLayout, model: str) -> set[str]:
+    """Patients with a stored prediction from `model`."""
+    path = predictions_path(layout, model)
+    return set(pd.read_parquet(path, columns=["patient_id"]).patient_id) if path.exists() else set()
+
+
 def predictions_path(layout: RunLayout, model: str) -> Path:
-    return layout.root / "predictions" / f"{model}.parquet"
+    return layout.inside(layout.root / "predictions" / f"{model}.parquet")
 
 
 def subset_cohort(cohort: Cohort, patient_ids: list[str]) -> Cohort:
@@ -100,22 +271,22 @@ def subset_cohort(cohort: Cohort, patient_ids: list[str]) -> Cohort:
 
 
 def merge_predictions(layout: RunLayout, model: str, scores: pd.DataFrame, batch: str) -> Path:
-    """Add a batch's scores to RUN/predictions/<model>.parquet (a patient scored again replaces its row)."""
+    """Add a batch's scores to RUN/predictions/<model>.parquet (a patient scored again replaces its row);
+    flushed to the disk before it returns, since the inbox forgets these patients next."""
     path = predictions_path(layout, model)
     scores = scores.assign(batch=batch)
     if path.exists():
         old = pd.read_parquet(path)
         scores = pd.concat([old[~old.patient_id.isin(scores.patient_id)], scores], ignore_index=True)
-    write_table(path, scores)
+    write_table(path, scores, durable=True)
     return path
 
 
 def model_encoder(model_dir: str | Path) -> tuple[str, str]:
     """(encoder, tile set) a trained model's features came from, read from its first fold's config."""
-    import json
-
-    config = json.loads((Path(model_dir) / "fold-0" / "config.json").read_text())
+    config = read_json(Path(model_dir) / "fold-0" / "config.json")
     return config["encoder"], config.get("train_config", {}).get("tile_set", "")
 
 
-__all__ = ["intake_inbox", "unscored", "subset_cohort", "merge_predictions", "model_encoder", "predictions_path"]
+__all__ = ["intake_inbox", "Intake", "move_to_failed", "release_inbox", "retract", "unscored", "scored",
+           "subset_cohort", "merge_predictions", "model_encoder", "predictions_path"]

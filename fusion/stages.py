@@ -7,10 +7,13 @@ a summary with status 'failed', so one corrupt file does not stop a cohort. The 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import os
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,11 +22,11 @@ import numpy as np
 import pandas as pd
 
 from fusion.cohort import Cohort
-from fusion.errors import FusionError, RunError
+from fusion.errors import FusionError, RunError, storage_error
 from fusion.features import ExtractConfig, create_encoder, extract_slide
 from fusion.features.encoders import Encoder
 from fusion.run import RunLayout
-from fusion.storage import file_fingerprint, hash_config, write_json
+from fusion.storage import file_fingerprint, hash_config, read_json, write_json
 from fusion.train.data import load_bags
 from fusion.train.evaluate import evaluate_predictions
 from fusion.train.loop import TrainConfig, cross_validate
@@ -31,6 +34,7 @@ from fusion.wsi import TilingConfig, tile_slide
 from fusion.wsi.tiling import TILER_VERSION
 
 _TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ESTALE, errno.ETIMEDOUT, errno.EBUSY, errno.ECONNRESET}
+RETRY_DELAYS = (2.0, 4.0, 8.0)  # seconds before the 1st, 2nd and 3rd retry of a transient I/O error
 
 
 def is_transient(error: BaseException) -> bool:
@@ -42,18 +46,39 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNOS
 
 
-def _guarded(layout: RunLayout, step: str, item: str, fn, raise_transient: bool = False, **fields) -> dict:
+def _describe(e: BaseException) -> str:
+    """One line: the library's own errors say what is wrong; anything else is named by its type."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if isinstance(e, FusionError | OSError | ValueError) else f"{type(e).__name__}: {text}"
+
+
+def _guarded(layout: RunLayout, step: str, item: str, fn: Callable[[], dict],
+             invalidate: Callable[[], list[Path]] = list, retry_delays: tuple[float, ...] = (), **fields) -> dict:
+    """Run one item's step; any failure of the item is recorded and returned, never raised.
+
+    A transient I/O error is retried after each of `retry_delays`; a failure moves what was derived
+    from the item (`invalidate()`) to RUN/stale/, so nothing stale is read later. Only a failure of
+    the run's own storage (full disk, read-only, no permission) is raised, as a StorageError: it
+    is no item's fault and would fail every item the same way.
+    """
     start = time.perf_counter()
-    try:
-        result = fn()
-    except (FusionError, OSError, ValueError) as e:
-        if raise_transient and is_transient(e):  # the orchestrator retries it, with backoff
-            layout.ledger.record(step, item, "retrying", error=str(e), error_type=type(e).__name__, **fields)
-            raise
-        entry = {"slide_id": item, "status": "failed", "error": str(e), "error_type": type(e).__name__}
-        layout.ledger.record(step, item, "failed", error=str(e), error_type=type(e).__name__,
-                             traceback=traceback.format_exc(limit=3), **fields)
-        return entry
+    for attempt in range(len(retry_delays) + 1):
+        try:
+            result = fn()
+            break
+        except Exception as e:  # noqa: BLE001 - one item's failure, whatever it is, must not stop the others
+            env = storage_error(e, str(layout.root))
+            if env is not None:
+                raise env from None
+            if is_transient(e) and attempt < len(retry_delays):
+                layout.ledger.record(step, item, "retrying", error=_describe(e), error_type=type(e).__name__,
+                                     attempt=attempt + 1, **fields)
+                time.sleep(retry_delays[attempt])
+                continue
+            stale = quarantine(layout, invalidate())
+            layout.ledger.record(step, item, "failed", error=_describe(e), error_type=type(e).__name__,
+                                 traceback=traceback.format_exc(limit=3), stale=stale, **fields)
+            return {"slide_id": item, "status": "failed", "error": _describe(e), "error_type": type(e).__name__}
     status = "skipped" if result.get("skipped") else "done"
     layout.ledger.record(step, item, status, inputs_hash=result.get("inputs_hash"),
                          outputs=result.get("outputs"), seconds=round(time.perf_counter() - start, 3),
@@ -61,27 +86,83 @@ def _guarded(layout: RunLayout, step: str, item: str, fn, raise_transient: bool 
     return {**result, "status": status}
 
 
+def quarantine(layout: RunLayout, paths: list[Path]) -> list[str]:
+    """Move outputs whose input is no longer valid to RUN/stale/<same path>; returns what moved."""
+    moved = []
+    for path in paths:
+        if path.exists():
+            target = layout.stale / path.relative_to(layout.root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+            moved.append(str(path.relative_to(layout.root)))
+    return moved
+
+
+def slide_outputs(layout: RunLayout, slide_id: str, tile_set: str = "", encoders: list[str] | None = None
+                  ) -> list[Path]:
+    """What the run derived from one slide in a tile set: tiles and QC picture (unless `encoders` are
+    named), and the features of `encoders` (default: every encoder of the run)."""
+    tiles = layout.tiles_h5(slide_id, tile_set)
+    paths = [] if encoders is not None else [tiles, tiles.with_suffix(".tissue.png")]
+    if encoders is None:
+        features = layout.root / "features"
+        encoders = sorted(p.name for p in features.iterdir() if p.is_dir()) if features.is_dir() else []
+    return paths + [layout.features_h5(enc, slide_id, tile_set) for enc in encoders]
+
+
+def fail_missing_slides(layout: RunLayout, cohort: Cohort, step: str, tile_set: str = "",
+                        only: set[str] | None = None) -> list[dict]:
+    """Each slide whose file is gone is that slide's failure: recorded, and its tiles and features
+    moved to RUN/stale/ (they describe a file that no longer exists). Returns one status per slide."""
+    out = []
+    for sid, reason in cohort.missing_slides.items():
+        if only is not None and sid not in only:
+            continue
+        stale = quarantine(layout, slide_outputs(layout, sid, tile_set))
+        layout.ledger.record(step, sid, "failed", error=reason, error_type="FileNotFoundError", stale=stale,
+                             tile_set=tile_set)
+        out.append({"slide_id": sid, "status": "failed", "error": reason, "error_type": "FileNotFoundError"})
+    return out
+
+
+def _drop_damaged(layout: RunLayout, paths: list[Path], expected: Callable[[dict], bool] = lambda info: True) -> None:
+    """Move outputs that cannot be read (a torn copy) or fail `expected` to RUN/stale/, so they are redone."""
+    quarantine(layout, [p for p in paths if p.exists() and not expected(_h5_info(p))])
+
+
 def tile_one(layout: RunLayout, slide_id: str, path: str, config: TilingConfig,
-             mpp: float | None = None, tile_set: str = "", raise_transient: bool = False) -> dict:
-    """Tile one slide into RUN/tiles[/<tile_set>]; a failure is recorded, not raised (a transient
-    I/O error is re-raised when `raise_transient`, for the caller to retry)."""
-    return _guarded(layout, "tile", slide_id,
-                    lambda: tile_slide(path, slide_id, layout.tiles_dir(tile_set), config, mpp=mpp),
-                    raise_transient=raise_transient, tile_set=tile_set)
+             mpp: float | None = None, tile_set: str = "", retry_delays: tuple[float, ...] = ()) -> dict:
+    """Tile one slide into RUN/tiles[/<tile_set>]; a failure is recorded, not raised, and what the
+    run derived from the slide before is moved to RUN/stale/."""
+    h5 = layout.tiles_h5(slide_id, tile_set)
+
+    def run() -> dict:
+        _drop_damaged(layout, [h5], lambda info: "coords" in info["shapes"])
+        return tile_slide(path, slide_id, layout.tiles_dir(tile_set), config, mpp=mpp)
+
+    return _guarded(layout, "tile", slide_id, run, lambda: slide_outputs(layout, slide_id, tile_set),
+                    retry_delays, tile_set=tile_set)
 
 
 def extract_one(layout: RunLayout, slide_id: str, path: str, encoders: list[Encoder],
-                config: ExtractConfig = ExtractConfig(), tile_set: str = "", raise_transient: bool = False) -> dict:
-    """Features of one tiled slide for each encoder; needs RUN/tiles[/<tile_set>]/<slide_id>.h5."""
+                config: ExtractConfig = ExtractConfig(), tile_set: str = "", retry_delays: tuple[float, ...] = ()
+                ) -> dict:
+    """Features of one tiled slide for each encoder; needs RUN/tiles[/<tile_set>]/<slide_id>.h5.
+    A features file that cannot be read or does not match its encoder and tiles is redone."""
     tiles = layout.tiles_h5(slide_id, tile_set)
+    names = [e.name for e in encoders]
 
     def run() -> dict:
         if not tiles.exists():
             raise RunError(f"no tiles for slide {slide_id} ({tiles}); tiling failed or was not run")
+        n_tiles = _h5_info(tiles)["shapes"].get("coords", (None,))[0]
+        for enc in encoders:
+            _drop_damaged(layout, [layout.features_h5(enc.name, slide_id, tile_set)],
+                          lambda info, enc=enc: _features_match(info, n_tiles, enc.dim))
         return extract_slide(path, tiles, slide_id, layout.root / "features", encoders, config, subdir=tile_set)
 
-    return _guarded(layout, "extract", slide_id, run, raise_transient=raise_transient,
-                    encoders=[e.name for e in encoders], tile_set=tile_set)
+    return _guarded(layout, "extract", slide_id, run, lambda: slide_outputs(layout, slide_id, tile_set, names),
+                    retry_delays, encoders=names, tile_set=tile_set)
 
 
 def build_encoders(names: list[str], layout: RunLayout | None = None) -> list[Encoder]:
@@ -118,12 +199,17 @@ def train_stage(layout: RunLayout, cohort: Cohort, config: TrainConfig, on_epoch
     from fusion.train.loop import MULTIMODAL
 
     out = layout.model_dir(config.model if config.task == "survival" else f"{config.model}-classification")
+    # First what must not be read: features of slides whose file is gone, and damaged features files
+    # (both change the inputs hash, so a model trained on them is not taken as current).
+    fail_missing_slides(layout, cohort, "train", config.tile_set)
+    _drop_damaged_features(layout, cohort, config)
     folds = ensure_fold_table(layout.root, cohort, config.folds, config.seed)  # one table for every model
     inputs_hash = hash_config({"inputs": training_inputs_hash(layout, cohort, config), "folds": folds.fingerprint})
     if not force and _stamp_matches(out / TRAIN_STAMP, inputs_hash) and (out / "cv_metrics.json").exists():
-        summary = {**json.loads((out / "cv_metrics.json").read_text()), "skipped": True}
-        layout.ledger.record("train", out.name, "skipped", inputs_hash=inputs_hash, outputs=[str(out)])
-        return summary
+        with contextlib.suppress(ValueError):  # a damaged summary is made again by training
+            summary = {**read_json(out / "cv_metrics.json"), "skipped": True}
+            layout.ledger.record("train", out.name, "skipped", inputs_hash=inputs_hash, outputs=[str(out)])
+            return summary
 
     bags, missing = load_bags(layout, cohort, config.encoder, config.tile_set,
                               keep_without_tiles=config.model in MULTIMODAL or config.model in BASELINES)
@@ -146,6 +232,18 @@ def train_stage(layout: RunLayout, cohort: Cohort, config: TrainConfig, on_epoch
     return summary
 
 
+def _drop_damaged_features(layout: RunLayout, cohort: Cohort, config: TrainConfig) -> None:
+    """A features file that cannot be read (a torn copy) is that slide's failure, not the model's: it
+    moves to RUN/stale/ and training goes on without it (`fusion extract` makes it again)."""
+    for sid in map(str, cohort.slides.slide_id):
+        for enc in config.encoder.split("+"):
+            path = layout.features_h5(enc, sid, config.tile_set)
+            if path.exists() and "features" not in _h5_info(path)["shapes"]:
+                stale = quarantine(layout, [path])
+                layout.ledger.record("train", sid, "failed", error=f"features file {path} cannot be read; "
+                                     f"run `fusion extract {layout.root}` to make it again", stale=stale)
+
+
 def evaluate_stage(layout: RunLayout, cohort: Cohort, model: str) -> dict:
     model_dir = layout.model_dir(model)
     if not (model_dir / "predictions.parquet").exists():
@@ -157,7 +255,22 @@ def evaluate_stage(layout: RunLayout, cohort: Cohort, model: str) -> dict:
 
 
 def slide_rows(cohort: Cohort) -> list[tuple[str, str]]:
+    """(slide_id, absolute path) of every slide of the cohort, in table order."""
     return [(str(s), str(p)) for s, p in zip(cohort.slides.slide_id, cohort.slides.path, strict=True)]
+
+
+def slide_batches(items: list, slides_per_task: int | None = None) -> list[list]:
+    """`items` cut into consecutive batches, one orchestrator task each.
+
+    A task costs the orchestrator a roughly fixed time (Prefect: creating the run, reporting its
+    states); a small slide's work is of the same order, so tasks carry several slides. Auto
+    (`None`): about n/16 slides per task, between 1 and 16, so a small cohort still spreads over
+    every worker and a large one pays the task cost once per 16 slides.
+    """
+    if not items:
+        return []
+    size = slides_per_task or max(1, min(16, len(items) // 16))
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 # --- Stage-level planning: which items of a stage are stale, decided before any task starts ----------------
@@ -177,27 +290,44 @@ def tiling_is_current(layout: RunLayout, slide_id: str, path: str, config: Tilin
         return None
     expected = hash_config({"slide": file_fingerprint(path), "config": asdict(config), "mpp": mpp,
                             "version": TILER_VERSION})
-    attrs = _h5_attrs(h5_path, with_rows="coords")
-    return attrs["rows"] if attrs.get("inputs_hash") == expected else None
+    info = _h5_info(h5_path)
+    if info["attrs"].get("inputs_hash") != expected or "coords" not in info["shapes"]:
+        return None
+    return info["shapes"]["coords"][0]
 
 
 def extraction_is_current(layout: RunLayout, slide_id: str, encoders: list[Encoder],
                           config: ExtractConfig = ExtractConfig(), tile_set: str = "") -> int | None:
-    """The tile count when every encoder's features match the slide's current tiles, else None."""
-    tiles = _h5_attrs(layout.tiles_h5(slide_id, tile_set), with_rows="coords")
-    if "inputs_hash" not in tiles:
+    """The tile count when every encoder's features match the slide's current tiles (by hash, and
+    by shape: one row per kept tile, the encoder's dimension), else None."""
+    tiles = _h5_info(layout.tiles_h5(slide_id, tile_set))
+    if "inputs_hash" not in tiles["attrs"] or "coords" not in tiles["shapes"]:
         return None
+    n_tiles = tiles["shapes"]["coords"][0]
     stain = "+macenko" if config.stain_normalize else ""
     for enc in encoders:
-        attrs = _h5_attrs(layout.features_h5(enc.name, slide_id, tile_set))
-        if attrs.get("tiles_hash") != tiles["inputs_hash"] or attrs.get("encoder_version") != enc.version + stain:
+        info = _h5_info(layout.features_h5(enc.name, slide_id, tile_set))
+        attrs = info["attrs"]
+        if (attrs.get("tiles_hash") != tiles["attrs"]["inputs_hash"]
+                or attrs.get("encoder_version") != enc.version + stain):
             return None
-    return tiles["rows"]
+        if not _features_match(info, n_tiles, enc.dim):
+            return None
+    return n_tiles
+
+
+def _features_match(info: dict, n_tiles: int | None, dim: int) -> bool:
+    """A features file holds [N, dim] features and N coords, N = the tiles kept in focus."""
+    feats, coords = info["shapes"].get("features"), info["shapes"].get("coords")
+    if feats is None or coords is None or len(feats) != 2 or feats[1] != dim or feats[0] != coords[0]:
+        return False
+    dropped = int(info["attrs"].get("tiles_out_of_focus", 0))
+    return n_tiles is None or feats[0] + dropped == n_tiles
 
 
 def tile_count(layout: RunLayout, slide_id: str, tile_set: str = "") -> int:
     """Tiles in the slide's `.h5` (0 when it has none)."""
-    return _h5_attrs(layout.tiles_h5(slide_id, tile_set), with_rows="coords").get("rows", 0)
+    return _h5_info(layout.tiles_h5(slide_id, tile_set))["shapes"].get("coords", (0,))[0]
 
 
 def training_inputs_hash(layout: RunLayout, cohort: Cohort, config: TrainConfig) -> str:
@@ -206,7 +336,7 @@ def training_inputs_hash(layout: RunLayout, cohort: Cohort, config: TrainConfig)
     features = {}
     for sid in cohort.slides.slide_id:
         for enc in config.encoder.split("+"):
-            attrs = _h5_attrs(layout.features_h5(enc, str(sid), config.tile_set))
+            attrs = _h5_info(layout.features_h5(enc, str(sid), config.tile_set))["attrs"]
             features[f"{sid}/{enc}"] = [str(attrs.get(k)) for k in ("tiles_hash", "encoder_version", "min_sharpness")]
     return hash_config({"features": features, "patients": table_hash(cohort.patients),
                         "genomics": None if cohort.genomics is None else table_hash(cohort.genomics),
@@ -235,17 +365,16 @@ def _stamp_matches(path: Path, inputs_hash: str) -> bool:
         return False
 
 
-def _h5_attrs(path: Path, with_rows: str | None = None) -> dict:
-    """A file's attributes (and `rows`: the length of dataset `with_rows`); {} when missing or unreadable."""
+def _h5_info(path: Path) -> dict:
+    """A file's attributes and the shapes of its top-level datasets; empty when missing or unreadable."""
     try:
         with h5py.File(path, "r") as f:
-            attrs = dict(f.attrs)
-            if with_rows:
-                attrs["rows"] = int(f[with_rows].shape[0])
-            return attrs
-    except (OSError, KeyError):
-        return {}
+            shapes = {name: tuple(ds.shape) for name, ds in f.items() if isinstance(ds, h5py.Dataset)}
+            return {"attrs": dict(f.attrs), "shapes": shapes}
+    except (OSError, KeyError, ValueError, RuntimeError):
+        return {"attrs": {}, "shapes": {}}
 
 
-__all__ = ["tile_one", "extract_one", "build_encoders", "train_stage", "evaluate_stage", "slide_rows",
-           "tiling_is_current", "extraction_is_current", "training_inputs_hash", "stage_is_current", "mark_stage"]
+__all__ = ["tile_one", "extract_one", "fail_missing_slides", "slide_batches", "quarantine", "slide_outputs",
+           "build_encoders", "train_stage", "evaluate_stage", "slide_rows", "tiling_is_current",
+           "extraction_is_current", "training_inputs_hash", "stage_is_current", "mark_stage"]

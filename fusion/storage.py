@@ -18,11 +18,13 @@ from typing import Any
 
 
 @contextlib.contextmanager
-def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(final: str | os.PathLike, durable: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `final`; on success rename it onto `final`.
 
     The temporary name starts with '.' and ends with '.partial' so globbing for outputs
-    never picks it up. On error the temporary file is removed and `final` is untouched.
+    never picks it up. On error (a full disk included) the temporary file is removed and
+    `final` is untouched. `durable` also flushes the file and its folder to the disk before
+    returning, for results whose loss after a power cut would lose data (scores of an inbox).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -34,21 +36,34 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; artifacts are shared files
     try:
         yield tmp_path
+        if durable:
+            _fsync(tmp_path)
         os.replace(tmp_path, final)
+        if durable:
+            _fsync(final.parent)
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        with contextlib.suppress(OSError):  # a read-only or vanished folder: nothing more to clean
+            tmp_path.unlink(missing_ok=True)
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text(path: str | os.PathLike, text: str, durable: bool = False) -> Path:
+    """`text` (UTF-8) written atomically to `path`."""
+    with atomic_path(path, durable) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 
-def write_table(path: str | os.PathLike, table) -> Path:
+def write_table(path: str | os.PathLike, table, durable: bool = False) -> Path:
     """A DataFrame as Parquet (`.parquet`/`.pq`) or CSV, without the index, written atomically."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, durable) as tmp:
         if Path(path).suffix.lower() in {".parquet", ".pq"}:
             table.to_parquet(tmp, index=False)
         else:
@@ -56,8 +71,17 @@ def write_table(path: str | os.PathLike, table) -> Path:
     return Path(path)
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+def write_json(path: str | os.PathLike, obj: Any, durable: bool = False) -> Path:
+    """`obj` as indented JSON with sorted keys, written atomically."""
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n", durable)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON in `path`; a damaged file raises ValueError naming it (a torn copy, an edit gone wrong)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged (not valid JSON: {e}); restore it or make it again") from None
 
 
 def _json_default(obj: Any) -> Any:
@@ -97,21 +121,43 @@ class Ledger:
     """Append-only `ledger.jsonl`: one line per step per item (status, inputs hash, outputs, error).
 
     Lines are appended with a single `write` on a file opened in append mode, which POSIX keeps
-    whole for lines of this size even with several threads or processes writing.
+    whole for lines of this size even with several threads or processes writing. A process killed
+    mid-write (or a full disk) can still leave a torn last line: readers skip such lines and count
+    them (`torn`), and the next writer ends the torn line first so its own entry stays whole.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.torn = 0  # lines the last `entries()` call could not read
 
     def record(self, step: str, item: str, status: str, **fields: Any) -> dict:
+        """Append one entry; returns it."""
         entry = {"time": time.time(), "step": step, "item": item, "status": status, **fields}
-        line = json.dumps(entry, sort_keys=True, default=_json_default) + "\n"
-        with self.path.open("a") as f:
+        line = (json.dumps(entry, sort_keys=True, default=_json_default) + "\n").encode()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("ab+") as f:
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # a torn last line: end it, so it stays one bad line, not two
+                    line = b"\n" + line
             f.write(line)
         return entry
 
     def entries(self) -> list[dict]:
+        """Every readable entry, in order; unreadable (torn) lines are skipped and counted in `torn`."""
+        self.torn = 0
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        out = []
+        for raw in self.path.read_bytes().splitlines():
+            if not raw.strip():
+                continue
+            try:
+                entry = json.loads(raw)
+            except ValueError:
+                entry = None
+            if isinstance(entry, dict):
+                out.append(entry)
+            else:
+                self.torn += 1
+        return out

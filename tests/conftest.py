@@ -103,3 +103,35 @@ def openslide_fixtures() -> Path:
             tar.extractall(cache, filter="data")
         fixtures = next(cache.glob("openslide_python-*/tests/fixtures"))
     return fixtures
+
+
+def copy_small_cohort(tiny_cohort: Path, tiny_run: Path, dest: Path, patients: int = 8, with_run: bool = True
+                      ) -> tuple[Path, Path]:
+    """A cohort of the first `patients` patients of the tiny cohort (their slide files copied) and,
+    with `with_run`, a run holding their tiles and `morph` features copied from the shared run."""
+    import json
+    import shutil
+
+    import pandas as pd
+
+    cohort, run = dest / "cohort", dest / "run"
+    cohort.mkdir(parents=True)
+    shutil.copy(tiny_cohort / "cohort.yaml", cohort)
+    table = pd.read_csv(tiny_cohort / "patients.csv", dtype={"patient_id": str}).head(patients)
+    table.to_csv(cohort / "patients.csv", index=False)
+    keep = set(table.patient_id)
+    for name in ("slides.csv", "genomics.csv"):
+        rows = pd.read_csv(tiny_cohort / name, dtype={"patient_id": str, "slide_id": str})
+        rows[rows.patient_id.isin(keep)].to_csv(cohort / name, index=False)
+    slides = pd.read_csv(cohort / "slides.csv", dtype={"slide_id": str})
+    for rel in slides.path:
+        (cohort / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tiny_cohort / rel, cohort / rel)
+    if with_run:
+        for sid in slides.slide_id:
+            for src in [*tiny_run.glob(f"tiles/{sid}.*"), *tiny_run.glob(f"features/*/{sid}.h5")]:
+                target = run / src.relative_to(tiny_run)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(src, target)
+        (run / "run.json").write_text(json.dumps({"cohort": str(cohort.resolve())}))
+    return cohort, run

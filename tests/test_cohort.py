@@ -33,15 +33,23 @@ def test_every_problem_is_reported_with_its_line(tiny_cohort, tmp_path):
     patients.to_csv(root / "patients.csv", index=False)
 
     with pytest.raises(CohortError) as info:
-        load_cohort(root)
+        load_cohort(root, strict=True)
     message = str(info.value)
     assert "patients.csv line 5: os_months is negative (-4.0)" in message
     assert "patients.csv line 7: os_event must be 0 or 1, got '2'" in message
     assert "patients.csv line 11: duplicate patient_id" in message
     assert "patients.csv: missing column 'age'" in message
-    # The slides were not copied: every slide file is reported missing, with its line.
+    # The slides were not copied: with `strict`, every slide file is reported missing, with its line.
     assert "slides.csv line 2: slide file not found: slides/" in message
     assert len(info.value.problems) >= 4 + len(pd.read_csv(root / "slides.csv"))
+
+
+def test_a_missing_slide_file_is_that_slides_failure_not_the_cohorts(tiny_cohort, tmp_path):
+    root = _copy(tiny_cohort, tmp_path)
+    slides = pd.read_csv(root / "slides.csv")
+    cohort = load_cohort(root)
+    assert list(cohort.missing_slides) == list(slides.slide_id)
+    assert cohort.missing_slides[slides.slide_id[0]] == f"slides.csv line 2: slide file not found: {slides.path[0]}"
 
 
 def test_unknown_patient_and_bad_gene_value(tiny_cohort, tmp_path):

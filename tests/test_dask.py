@@ -71,3 +71,78 @@ def test_gpu_extraction_holds_a_slot_of_the_gpu_limit(prefect_server, monkeypatc
     assert held.limit == 2 and held.active_slots == 1 and released.active_slots == 0
     monkeypatch.setattr(extraction, "pick_device", lambda device: torch.device("cpu"))
     assert extraction.gpu_slot("auto", 2).__class__.__name__ == "nullcontext"
+
+
+def test_pipeline_on_a_dask_cluster_survives_a_killed_worker(tiny_cohort, tiny_run, tmp_path):
+    """`fusion pipeline --dask-address` against a real cluster (`dask scheduler` and `dask worker
+    --nworkers 3`: 3 worker processes); one worker process is killed (SIGKILL) while it runs a slide
+    task. The run finishes, and every slide is tiled and encoded exactly once (the ledger has one
+    `done` per slide and step; a task re-run after the kill finds its finished slides and skips them)."""
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import yaml
+    from conftest import copy_small_cohort
+    from distributed import Client
+
+    cohort, _ = copy_small_cohort(tiny_cohort, tiny_run, tmp_path, patients=24, with_run=False)
+    config = {"cohort": "cohort", "run": "run", "models": [{"model": "abmil", "folds": 2, "epochs": 2, "patience": 2}],
+              "analysis": {"enabled": False}, "report": {"enabled": False}}
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(config))
+    n_slides = len(pd.read_csv(cohort / "slides.csv"))
+    ledger = Ledger(tmp_path / "run" / "ledger.jsonl")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    dask = str(Path(sys.executable).parent / "dask")
+    log = (tmp_path / "dask.log").open("w")
+    cluster = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
+                                 "--no-dashboard"], stdout=log, stderr=subprocess.STDOUT)]
+    cluster.append(subprocess.Popen([dask, "worker", address, "--nworkers", "3", "--nthreads", "1", "--no-dashboard"],
+                                    cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT))
+    proc = None
+    try:
+        with Client(address, timeout=300) as client:
+            client.wait_for_workers(3, timeout=300)
+            proc = subprocess.Popen([sys.executable, "-m", "fusion.cli", "pipeline", str(tmp_path / "pipeline.yaml"),
+                                     "--dask-address", address], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            killed = None
+            deadline = time.time() + 600
+            while killed is None and time.time() < deadline and proc.poll() is None:
+                done = [e for e in ledger.entries() if e["step"] in ("tile", "extract") and e["status"] == "done"]
+                busy = [addr for addr, keys in client.processing().items() if keys]
+                if len(done) >= 2 and busy:
+                    pid = client.run(os.getpid, workers=[busy[0]])[busy[0]]
+                    os.kill(pid, signal.SIGKILL)
+                    killed = {"worker": busy[0], "after": [f"{e['step']}:{e['item']}" for e in done]}
+                time.sleep(0.2)
+            output, _ = proc.communicate(timeout=900)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        for p in reversed(cluster):
+            p.terminate()
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        log.close()
+    assert killed is not None, "the kill should land while slide tasks run\n" + output[-3000:]
+    assert proc.returncode == 0, output[-4000:]
+    entries = ledger.entries()
+    for step in ("tile", "extract"):
+        done = [e["item"] for e in entries if e["step"] == step and e["status"] == "done"]
+        assert sorted(done) == sorted(set(done)), f"a slide was {step}d twice"
+        assert len(done) == n_slides, f"{n_slides - len(done)} slide(s) lost at {step}"
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["slides"] == n_slides and not summary["failed"]
+    assert len(list((tmp_path / "run" / "features" / "morph").glob("*.h5"))) == n_slides

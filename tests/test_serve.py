@@ -128,7 +128,7 @@ def test_served_deployment_scores_the_inbox(prefect_server, trained_setup, tmp_p
         log.close()
 
     scores = pd.read_parquet(tmp_path / "scoring" / "run" / "predictions" / "abmil.parquet")
-    assert len(scores) == INBOX_PATIENTS and scores.risk.notna().all() and (scores.folds == 2).all()
+    assert len(scores) == INBOX_PATIENTS and scores.risk_percentile.notna().all() and (scores.folds == 2).all()
     assert pd.read_csv(tmp_path / "inbox" / "patients.csv").empty  # taken out of the inbox
     assert not list((tmp_path / "inbox" / "slides").iterdir())
     assert len(pd.read_csv(tmp_path / "scoring" / "cohort" / "patients.csv")) == INBOX_PATIENTS

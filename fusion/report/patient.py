@@ -27,8 +27,8 @@ import pandas as pd
 import torch
 
 from fusion import __version__
-from fusion.cohort import Cohort, CohortSpec, load_spec
-from fusion.errors import RunError
+from fusion.cohort import Cohort, CohortSpec, check_id, load_spec
+from fusion.errors import RunError, storage_error
 from fusion.report import patient_sections as sections
 from fusion.report import plots, stats
 from fusion.report.explain import FoldExplanation, explain_patient
@@ -125,9 +125,17 @@ def write_reports(layout: RunLayout, cohort: Cohort, model: str | Path, patient_
     written = []
     with one_torch_thread():  # one patient's forward passes are tiny: thread hand-offs would dominate
         for pid in ids:
-            html = context.render(pid, n_top, signed_versions(out, pid))
-            written.append(write_text(out / f"{pid}.html", html))
-            note_new_draft(out, pid, written[-1])
+            # One patient's problem (a slide gone since tiling, a damaged file) is recorded and the
+            # others' reports are still written; only a failing disk stops the stage.
+            try:
+                path = layout.report_path(pid) if out_dir is None else out / f"{check_id(pid, 'patient id')}.html"
+                written.append(write_text(path, context.render(pid, n_top, signed_versions(out, pid))))
+                note_new_draft(out, pid, written[-1])
+            except Exception as e:  # noqa: BLE001 - the per-patient boundary
+                if storage_error(e, str(layout.root)) is not None:
+                    raise storage_error(e, str(layout.root)) from None
+                layout.ledger.record("report", pid, "failed", error=" ".join(str(e).split()) or type(e).__name__,
+                                     error_type=type(e).__name__, model=model_dir.name)
             if on_report:
                 on_report(pid)
     if pdf:
