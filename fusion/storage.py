@@ -84,6 +84,18 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path} is damaged (not valid JSON: {e}); restore it or make it again") from None
 
 
+def read_parquet(path: str | os.PathLike, **kwargs):
+    """The table in `path`; a damaged file raises ValueError naming it."""
+    import pandas as pd
+
+    try:
+        return pd.read_parquet(path, **kwargs)
+    except (OSError, ValueError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{path} is damaged (not a readable Parquet file: {e}); restore it or make it again") from None
+
+
 def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):  # numpy / torch scalars
         return obj.item()

@@ -16,7 +16,6 @@ risks). Every sentence about inputs is derived from what the model declares it r
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from fusion.report.patient_risk import absolute_risk, risk_group
 from fusion.report.signing import note_new_draft, sign_off_block, signed_versions
 from fusion.report.tripod import median_follow_up
 from fusion.run import RUN_FILE, RunLayout
-from fusion.storage import write_text
+from fusion.storage import read_json, read_parquet, write_text
 from fusion.survival.calibration import Recalibration, cross_fitted_risk, fit_recalibration
 from fusion.survival.crossval import OutOfFold, fold_mean_c, load_out_of_fold, percentile_of, training_percentile
 from fusion.survival.horizons import report_horizons
@@ -94,12 +93,12 @@ def load_trained(directory: Path) -> TrainedModel:
     for folder in fold_dirs(directory):
         model, config = load_checkpoint(folder)
         metrics_path = folder / "metrics.json"
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+        metrics = read_json(metrics_path) if metrics_path.exists() else {}
         folds.append(Fold(model, config, metrics, Preprocessor.from_state(config["preprocessor"])))
     oof_path = directory / "predictions.parquet"
     cv_path = directory / "cv_metrics.json"
-    return TrainedModel(directory, folds, pd.read_parquet(oof_path) if oof_path.exists() else None,
-                        json.loads(cv_path.read_text()) if cv_path.exists() else {})
+    return TrainedModel(directory, folds, read_parquet(oof_path) if oof_path.exists() else None,
+                        read_json(cv_path) if cv_path.exists() else {})
 
 
 def write_reports(layout: RunLayout, cohort: Cohort, model: str | Path, patient_ids: list[str] | None = None,
@@ -158,7 +157,7 @@ def one_torch_thread():
 def training_spec(trained: TrainedModel) -> CohortSpec | None:
     """cohort.yaml of the cohort the model was trained on (its intended use), when still readable."""
     try:
-        cohort_dir = json.loads((trained.directory.parent.parent / RUN_FILE).read_text())["cohort"]
+        cohort_dir = read_json(trained.directory.parent.parent / RUN_FILE)["cohort"]
         return load_spec(Path(cohort_dir))
     except (OSError, ValueError, KeyError):
         return None
@@ -302,7 +301,7 @@ def _training_summary(trained: TrainedModel, oof: OutOfFold, recal: Recalibratio
     analysis = {}
     path = trained.directory.parent.parent / "analysis" / "metrics.json"
     if path.exists():
-        analysis = next((m for m in json.loads(path.read_text())["models"] if m["model"] == trained.name), {})
+        analysis = next((m for m in read_json(path)["models"] if m["model"] == trained.name), {})
     return {"n": len(preds), "events": int(event.sum()), "follow_up": median_follow_up(time, event),
             "c": c["c_index_mean"], "c_ci": c["c_index_ci"], "c_sd": c["c_index_sd"], "folds": len(oof.folds),
             "td_auc": analysis.get("td_auc_mean"), "calibration": calibration, "recal_n": recal.n,

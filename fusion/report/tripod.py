@@ -7,12 +7,12 @@ patient involvement, interpretation), says so. It is a draft for the authors, no
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from fusion.cohort import Cohort
+from fusion.storage import read_json
 from fusion.train.folds import read_fold_table
 
 PERSON = "for a person to write"
@@ -47,7 +47,7 @@ def tripod_items(cohort: Cohort, run: Path, results: list[dict]) -> list[dict]:
     for r in survival:
         path = run / "models" / r["model"] / "cv_metrics.json"
         if path.exists():
-            configs[r["model"]] = json.loads(path.read_text()).get("config", {})
+            configs[r["model"]] = read_json(path).get("config", {})
     missing = missing_data(cohort)
     best = max(survival, key=lambda r: r["harrell_c"]) if survival else None
 

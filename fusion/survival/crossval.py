@@ -18,7 +18,6 @@ MIL survival models report; the pooled C on the common scale is printed beside i
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fusion.storage import read_json, read_parquet
 from fusion.survival.horizons import common_horizons, surv_column
 from fusion.survival.metrics import concordance
 
@@ -65,17 +65,17 @@ class OutOfFold:
 def load_out_of_fold(model_dir: str | Path) -> OutOfFold:
     """Read `model_dir/predictions.parquet` with each fold's stored cutoffs and horizons."""
     model_dir = Path(model_dir)
-    preds = pd.read_parquet(model_dir / "predictions.parquet")
+    preds = read_parquet(model_dir / "predictions.parquet")
     cutoffs, horizons = {}, {}
     for fold in sorted(int(f) for f in preds["fold"].unique()):
         path = model_dir / f"fold-{fold}" / "metrics.json"
-        metrics = json.loads(path.read_text()) if path.exists() else {}
+        metrics = read_json(path) if path.exists() else {}
         if metrics.get("train_risk_cutoffs"):
             cutoffs[fold] = metrics["train_risk_cutoffs"]
         if metrics.get("horizons") is not None:
             horizons[fold] = [float(h) for h in metrics["horizons"]]
     cv_path = model_dir / "cv_metrics.json"
-    cv = json.loads(cv_path.read_text()) if cv_path.exists() else {}
+    cv = read_json(cv_path) if cv_path.exists() else {}
     table = (cv.get("fold_table") or {}).get("fingerprint")
     task = "survival" if "risk" in preds.columns else "classification"
     return OutOfFold(model_dir.name, preds, cutoffs, horizons, table, task)

@@ -74,7 +74,7 @@ def fold_dirs(model_dir: str | Path) -> list[Path]:
     manifest_path = model_dir / "cv_metrics.json"
     if not manifest_path.exists():
         raise RunError(f"{manifest_path} is missing: the model's training did not finish; train it again")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_json(manifest_path)
     k = int(manifest.get("folds") or len(found))
     missing = sorted(set(range(k)) - set(found))
     extra = sorted(set(found) - set(range(k)))
@@ -85,7 +85,7 @@ def fold_dirs(model_dir: str | Path) -> list[Path]:
                        "refusing to score with an incomplete or mixed set of fold models; retrain the model")
     table = (manifest.get("fold_table") or {}).get("fingerprint")
     for _, path in sorted(found.items()):
-        config = json.loads((path / CONFIG).read_text())
+        config = read_json(path / CONFIG)
         if manifest.get("config_hash") and config.get("config_hash") != manifest["config_hash"]:
             raise RunError(f"{path} was trained with another configuration than {manifest_path} records "
                            f"({config.get('config_hash')} vs {manifest['config_hash']}); retrain the model")

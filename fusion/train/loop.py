@@ -23,7 +23,7 @@ from fusion.storage import hash_config, write_json, write_table
 from fusion.survival import concordance, cox_loss, discrete_time_bins, nll_survival_loss
 from fusion.survival.horizons import nice_horizons, surv_column
 from fusion.survival.losses import SURVIVAL_LOSSES, hazards_from_logits, ipcw_event_weights
-from fusion.train.checkpoint import CONFIG, WEIGHTS, save_checkpoint
+from fusion.train.checkpoint import CONFIG, WEIGHTS, config_digest, save_checkpoint
 from fusion.train.data import Bags, Preprocessor, collate, feature_moments, tabular_batch
 from fusion.train.folds import FoldTable, make_fold_table
 from fusion.train.reference import fit_reference
@@ -293,12 +293,14 @@ def finished_fold(fold_dir: Path, fold_hash: str) -> tuple[dict, pd.DataFrame] |
 
     Every file is written atomically and `metrics.json` last, so a fold killed mid-way has no
     `metrics.json` with this hash (or an old one with another hash) and is trained again; the
-    weights must also still match the sha256 in `config.json`.
+    weights must also still match the sha256 in `config.json`, and `config.json` its own digest.
     """
     try:
         metrics = json.loads((fold_dir / "metrics.json").read_text())
         config = json.loads((fold_dir / CONFIG).read_text())
         if metrics.get("inputs_hash") != fold_hash or config.get("inputs_hash") != fold_hash:
+            return None
+        if config.get("config_sha256") != config_digest(config):
             return None
         if hashlib.sha256((fold_dir / WEIGHTS).read_bytes()).hexdigest() != config.get("weights_sha256"):
             return None
