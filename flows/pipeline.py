@@ -17,6 +17,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.extraction import extract_cohort
+from flows.pretraining import pretrain_encoders
 from flows.reporting import analyze_stage, report_stage
 from flows.runners import dask_cluster, slide_task_runner
 from flows.tiling import tile_cohort
@@ -61,6 +62,8 @@ def pipeline_from_config(config: PipelineConfig) -> dict:
         runner = slide_task_runner(config.workers, address)
         tiled = tile_cohort.with_options(task_runner=runner)(cohort, run, config.tiling.build(), config.tiling.mpp,
                                                              tile_set)
+        if config.pretrain:  # self-supervised encoders on this run's tiles, before extraction uses them
+            pretrain_encoders(run, config.pretrain)
         extracted = extract_cohort.with_options(task_runner=runner)(
             run, config.extract.encoders, config.extract.build(), tile_set, slides=_tiled_ok(tiled),
             gpu_slots=config.extract.gpu_slots)

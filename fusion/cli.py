@@ -285,8 +285,8 @@ def pretrain(
     raise --size, --tiles, --batch-size and --epochs.
     """
     from fusion.features.ssl import PretrainConfig
+    from fusion.pretraining import pretrain_encoder
     from fusion.run import open_run
-    from fusion.stages import pretrain_stage
 
     try:
         config = PretrainConfig(method=method, epochs=epochs, tiles=tiles, size=size, batch_size=batch_size,
@@ -294,12 +294,14 @@ def pretrain(
         layout, c = open_run(run)
         with _progress() as progress:
             bar = progress.add_task(f"pretraining ({method})", total=epochs)
-            out = pretrain_stage(layout, c, config, name,
-                                 on_epoch=lambda e, loss: progress.update(bar, completed=e + 1,
-                                                                          description=f"{method} loss {loss:.3f}"))
+            result = pretrain_encoder(layout, c, config, name,
+                                      on_epoch=lambda e, loss: progress.update(
+                                          bar, completed=e + 1, description=f"{method} loss {loss:.3f}"))
     except (FusionError, ValueError) as e:
         _fail(e)
-    console.print(f"encoder saved to [bold]{out}[/]; use it with `fusion extract {run} --encoder {name or method}`")
+    what = "unchanged (same tiles and config): reused" if result["skipped"] else "saved"
+    console.print(f"encoder {what} in [bold]{result['path']}[/]; use it with "
+                  f"`fusion extract {run} --encoder {result['name']}`")
 
 
 @app.command("import-features")

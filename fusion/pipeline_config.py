@@ -43,6 +43,30 @@ class TilingSection(_Frozen):
                             overlap=self.overlap, max_ink=self.max_ink, tissue=preset(self.preset, **self.tissue))
 
 
+class PretrainSection(_Frozen):
+    """A self-supervised encoder trained on the run's tiles before extraction (`fusion pretrain`)."""
+
+    method: Literal["dino", "mocov3"] = "mocov3"
+    name: str | None = None  # encoder name in RUN/encoders and in extract.encoders (default: the method)
+    epochs: int = 15
+    tiles: int = 4096
+    size: int = 64
+    batch_size: int = 128
+    depth: int = 4
+    dim: int = 192
+    seed: int = 0
+
+    def build(self):
+        from fusion.features.ssl import PretrainConfig
+
+        return PretrainConfig(method=self.method, epochs=self.epochs, tiles=self.tiles, size=self.size,
+                              batch_size=self.batch_size, depth=self.depth, dim=self.dim, seed=self.seed)
+
+    @property
+    def encoder(self) -> str:
+        return self.name or self.method
+
+
 class ExtractSection(_Frozen):
     encoders: list[str] = Field(default_factory=lambda: ["morph"], min_length=1)
     batch_size: int = 128
@@ -111,6 +135,7 @@ class PipelineConfig(_Frozen):
     cohort: Path
     run: Path
     tiling: TilingSection = Field(default_factory=TilingSection)
+    pretrain: list[PretrainSection] = Field(default_factory=list)
     extract: ExtractSection = Field(default_factory=ExtractSection)
     models: list[ModelSection] = Field(default_factory=lambda: [ModelSection()])
     train_encoder: str | None = None  # features the models train on (default: the first encoder)
