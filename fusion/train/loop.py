@@ -8,7 +8,7 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from fusion.survival import (
     weighted_cox_loss,
 )
 from fusion.train.checkpoint import CONFIG, WEIGHTS, save_checkpoint
-from fusion.train.data import Bags, Preprocessor, collate, feature_moments, tabular_batch
+from fusion.train.data import Bags, Preprocessor, feature_moments, model_inputs
 from fusion.train.splits import cv_folds, inner_split
 
 
@@ -53,14 +53,23 @@ class TrainConfig:
     loss: str = "auto"  # cox | weighted_cox | efron | nll; auto: weighted_cox for biofusion, else cox
     n_bins: int = 4  # discrete-time bins for loss="nll" (quantiles of the training fold's event times)
     max_genes: int = 256  # most variable genes of the training fold kept for fusion models
+    model_options: dict = field(default_factory=dict)  # the model's own settings (see fusion.models.registry)
+    extra_tile_sets: tuple[str, ...] = ()  # other tilings of the slides (magnifications) for multi-scale models
 
     def __post_init__(self) -> None:
         from fusion.models import available_models
+        from fusion.models.registry import check_model_options
         from fusion.train.baselines import BASELINES
 
         if self.model not in available_models() and self.model not in BASELINES:
             raise ValueError(f"Unknown model '{self.model}'; available: "
                              f"{', '.join(available_models() + list(BASELINES))}")
+        object.__setattr__(self, "extra_tile_sets", tuple(self.extra_tile_sets))
+        if self.model in available_models():
+            check_model_options(self.model, self.model_options)
+        if self.extra_tile_sets and self.model not in MULTISCALE:
+            raise ValueError(f"extra_tile_sets {list(self.extra_tile_sets)}: only {', '.join(sorted(MULTISCALE))} "
+                             f"read several tile sets, not '{self.model}'")
         for name in ("folds", "epochs", "batch_size", "max_tiles", "hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -86,6 +95,7 @@ class TrainConfig:
 
 LOSSES = {"cox": cox_loss, "weighted_cox": weighted_cox_loss, "efron": efron_cox_loss}
 MULTIMODAL = {"coattn", "biofusion", "genomics_snn"}  # models that read genomics and clinical data
+MULTISCALE = {"biofusion"}  # models that read extra tile sets (other magnifications)
 
 
 def _seed_everything(seed: int) -> np.random.Generator:
@@ -101,10 +111,9 @@ def predict_risk(model: torch.nn.Module, bags: Bags, device: torch.device, batch
     model.eval()
     out = []
     for start in range(0, len(bags), batch_size):
-        x, mask = collate(bags.features[start : start + batch_size], None, None)
-        tab = tabular_batch(bags, slice(start, start + batch_size), device)
+        inputs = model_inputs(bags, slice(start, start + batch_size), device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            result = model(x.to(device), mask.to(device), **tab)
+            result = model(**inputs)
         if hazards:
             out.append(torch.sigmoid(result["logits"].float()).cpu().numpy())
         elif "risk" in result:
@@ -130,7 +139,14 @@ def model_kwargs(config: TrainConfig, bags: Bags, prep: Preprocessor | None) -> 
     kwargs = {"in_dim": bags.dim, "hidden": config.hidden, "dropout": config.dropout, "n_outputs": n_outputs}
     if prep is not None and config.model in MULTIMODAL:
         kwargs.update(genomic_dim=max(1, len(prep.genes)), groups=prep.groups, clinical_dim=prep.clinical_dim)
-    return kwargs
+    if config.model in MULTISCALE:  # several encoders per tile (the VAE splits them), extra tile sets
+        kwargs.update(encoder_dims=list(bags.encoder_dims) or [bags.dim],
+                      scale_dims=[_set_dim(s, bags.dim) for s in bags.scale_features])
+    return {**kwargs, **config.model_options}
+
+
+def _set_dim(per_patient: list[np.ndarray], default: int) -> int:
+    return int(next((f.shape[1] for f in per_patient if f.ndim == 2), default))
 
 
 def _loss(out: dict, time: torch.Tensor, event: torch.Tensor, label: torch.Tensor, loss_fn,
@@ -159,6 +175,9 @@ def fit(bags: Bags, val: Bags, config: TrainConfig, seed: int,
     model = create_model(config.model, **model_kwargs(config, bags, prep))
     mean, std = feature_moments(bags.features, seed=seed)
     model.set_normalisation(torch.from_numpy(mean), torch.from_numpy(std))
+    for i, feats in enumerate(bags.scale_features):  # each extra tile set standardised on its own tiles
+        mean, std = feature_moments(feats, seed=seed)
+        model.set_normalisation(torch.from_numpy(mean), torch.from_numpy(std), scale=i)
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     time_t = torch.as_tensor(bags.time, dtype=torch.float32)
@@ -175,10 +194,9 @@ def fit(bags: Bags, val: Bags, config: TrainConfig, seed: int,
             idx = order[start : start + config.batch_size]
             if len(idx) < 2 or (not classify and not bags.event[idx].any()):
                 continue  # no risk set to learn from
-            x, mask = collate([bags.features[i] for i in idx], config.max_tiles, rng)
-            tab = tabular_batch(bags, idx, device)
+            inputs = model_inputs(bags, idx, device, config.max_tiles, rng)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out = model(x.to(device), mask.to(device), **tab)
+                out = model(**inputs)
             loss = _loss(out, time_t[idx].to(device), event_t[idx].to(device), label_t[idx].to(device),
                          config.loss_fn, None if edges is None else edges.to(device))
             opt.zero_grad(set_to_none=True)
