@@ -4,7 +4,8 @@
       -> VAE per tile (each encoder projected to the same width, then one latent): z [B, N, L];
          reconstruction + KL is an auxiliary loss; the posterior mean is used at inference
       -> tile embedding [B, N, H] -> self-attention over all the patient's tiles (`tile_layers`
-         Lightning-attention layers: linear in tiles, spatially blocked when positions are given)
+         Lightning-attention layers: linear in tiles; softmax among the `block` = 16 tiles of a
+         ~0.5 mm patch at 20x, linear attention to the rest of the bag)
     genes: one token per gene group (pathway) through a small SNN [B, K, H]; learned tokens when missing
     co-dual-cross-attention (`cross_layers` full blocks, both directions at once): every tile reads the
       gene tokens (N x K) and every gene token reads the tiles (K x N); residuals, norms, feed-forward
@@ -53,7 +54,12 @@ class TileVAE(nn.Module):
         self.kl_weight = kl_weight
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, N, sum D] -> (z [B, N, L]: a posterior sample in training, its mean otherwise; VAE loss [B])."""
+        """x [B, N, sum D] -> (posterior mean [B, N, L], VAE loss [B]).
+
+        The model reads the posterior mean, as BioFusionNet reads the mean of its pretrained VAE; the
+        sample (training) only feeds the reconstruction term of the ELBO. Feeding samples forward
+        drowned per-tile detail in unit noise: a risk that lies in which tiles neighbour which was
+        not learned at all (C 0.53 against 0.77 for the same attention without the VAE)."""
         parts = torch.split(x, self.dims, dim=-1)
         h = torch.cat([p(part) for p, part in zip(self.proj, parts, strict=True)], -1)
         mu, logvar = self.mu(h), self.logvar(h).clamp(-8, 8)
@@ -64,13 +70,13 @@ class TileVAE(nn.Module):
                            for r, p in zip(recon, parts, strict=True)], -1).mean(-1)
         kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).float().mean(-1)
         m = mask.float()
-        return z, ((err + self.kl_weight * kl) * m).sum(1) / m.sum(1).clamp_min(1)
+        return mu, ((err + self.kl_weight * kl) * m).sum(1) / m.sum(1).clamp_min(1)
 
 
 class BioFusionNet(TileModel):
     def __init__(self, in_dim: int, encoder_dims: list[int] | None = None, groups: list[list[int]] | None = None,
                  clinical_dim: int = 0, hidden: int = 128, latent: int = 64, heads: int = 4, tile_layers: int = 1,
-                 block: int = 64, cross_layers: int = 2, modal_fusion: str = "codual", glca: float = 0.0,
+                 block: int = 16, cross_layers: int = 2, modal_fusion: str = "codual", glca: float = 0.0,
                  pwca: bool = False, multiscale: str = "crossvit", scale_dims: list[int] | None = None,
                  dropout: float = 0.25, n_outputs: int = 1, vae_weight: float = 0.1):
         super().__init__(in_dim, n_outputs, scale_dims)
