@@ -34,6 +34,7 @@ VARIANTS = [
     ("abmil", "abmil", {}, ()),
     ("base", "biofusion", {"tile_layers": 0}, ()),
     ("+ lightning", "biofusion", {}, ()),
+    ("+ lightning, posterior means", "biofusion", {"vae_noise": 0.0}, ()),
     ("+ lightning + GLCA", "biofusion", {"glca": 0.1}, ()),
     ("+ lightning + GLCA + PWCA", "biofusion", {"glca": 0.1, "pwca": True}, ()),
     ("+ lightning + CrossViT 5x", "biofusion", {}, ("5x",)),
@@ -155,6 +156,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=[v[0] for v in VARIANTS])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--collect", action="store_true")
+    parser.add_argument("--prepare-only", action="store_true")
     args = parser.parse_args()
     if args.one:
         print(json.dumps(train_one(Path(args.one[0]), args.one[1], args.folds, args.epochs)))
@@ -165,12 +167,16 @@ def main() -> None:
     for seed in args.seeds:
         base = prepare(seed, args.patients, args.slide_px) if not args.collect else \
             ROOT / f"seed-{seed}-p{args.patients}-{args.slide_px}"
+        if args.prepare_only:
+            continue
         if args.collect:
             found = [json.loads(p.read_text()) for p in sorted((base / "results").glob("*.json"))]
         else:
             with ThreadPoolExecutor(args.jobs) as pool:
                 found = list(pool.map(lambda v, b=base: run_child(b, v, args.folds, args.epochs), args.variants))
         results += [{**r, "seed": seed} for r in found]
+    if args.prepare_only:
+        return
     rows = table(results, args.folds)
     notes = (f"{len(args.seeds)} synthetic cohorts (seeds {', '.join(map(str, args.seeds))}) of {args.patients} "
              f"patients, slides of {args.slide_px} px at 0.5 um/px, with the context and scale signals (weight 1 "
