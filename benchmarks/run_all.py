@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine  # noqa: E402
 
-BENCHMARKS = ["tiling.py", "extraction.py", "training.py", "reports.py", "attention.py"]
+BENCHMARKS = ["tiling.py", "extraction.py", "training.py", "reports.py", "beta_recovery.py", "attention.py"]
 
 
 def collect(here: Path) -> str:

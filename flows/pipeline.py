@@ -25,7 +25,7 @@ from fusion.features import ExtractConfig
 from fusion.pipeline_config import PipelineConfig
 from fusion.run import init_run
 from fusion.storage import write_json
-from fusion.train.evaluate import format_evaluation
+from fusion.train.evaluate import best_network, format_evaluation
 from fusion.train.loop import TrainConfig
 from fusion.wsi import TilingConfig
 
@@ -72,7 +72,10 @@ def pipeline_from_config(config: PipelineConfig) -> dict:
             extracted += [r for r in extra if r["status"] == "failed"]  # listed as failures; counts stay per slide
     models = train_models(run, config.train_configs())
     analysis = analyze_stage(run, config.analysis.models) if config.analysis.enabled else None
-    reports = (report_stage(run, config.report_model, config.report.patients, config.report.pdf)
+    report_model = config.report_model
+    if report_model == "best":  # by the fold-mean C-index of this run's networks
+        report_model = best_network(Path(run) / "models", [m["evaluation"] for m in models])
+    reports = (report_stage(run, report_model, config.report.patients, config.report.pdf, config.report.horizons)
                if config.report.enabled else [])
     summary = _summary(run, tiled, extracted, models, reports=reports, analysis=analysis is not None)
     for m in models:

@@ -37,7 +37,8 @@ def analyze_task(run: str, models: list[str] | None = None) -> dict:
 
 
 @task(name="report", task_run_name="report-{model}", cache_policy=NO_CACHE)
-def report_task(run: str, model: str, patient_ids: list[str] | None = None, pdf: bool = False) -> list[str]:
+def report_task(run: str, model: str, patient_ids: list[str] | None = None, pdf: bool = False,
+                horizons: list[float] | None = None) -> list[str]:
     """Clinician reports for `patient_ids` (default: all); returns the report paths."""
     from fusion.report.patient import write_reports
 
@@ -46,6 +47,7 @@ def report_task(run: str, model: str, patient_ids: list[str] | None = None, pdf:
     analysis = layout.analysis / "metrics.json"  # reports quote the cohort analysis when there is one
     inputs_hash = hash_config({"predictions": _predictions_hash(layout, [model]), "genomics": genomics,
                                "patients": table_hash(cohort.patients), "patient_ids": patient_ids, "pdf": pdf,
+                               "horizons": horizons,
                                "analysis": file_fingerprint(analysis) if analysis.exists() else None})
     stage = f"report-{model}"
     if stage_is_current(layout, stage, inputs_hash):
@@ -53,7 +55,8 @@ def report_task(run: str, model: str, patient_ids: list[str] | None = None, pdf:
         reports = sorted(str(p) for p in (layout.root / "reports").glob("*.html") if wanted is None or p.stem in wanted)
         layout.ledger.record("report", model, "skipped", inputs_hash=inputs_hash)
         return reports
-    paths = [str(p) for p in write_reports(layout, cohort, model, patient_ids, pdf=pdf) if p.suffix == ".html"]
+    paths = [str(p) for p in write_reports(layout, cohort, model, patient_ids, pdf=pdf, horizons=horizons)
+             if p.suffix == ".html"]
     mark_stage(layout, stage, inputs_hash, reports=len(paths))
     layout.ledger.record("report", model, "done", inputs_hash=inputs_hash, outputs=paths)
     return paths
@@ -66,8 +69,9 @@ def analyze_stage(run: str, models: list[str] | None = None) -> dict:
 
 
 @flow(name="fusion-report")
-def report_stage(run: str, model: str, patient_ids: list[str] | None = None, pdf: bool = False) -> list[str]:
+def report_stage(run: str, model: str, patient_ids: list[str] | None = None, pdf: bool = False,
+                 horizons: list[float] | None = None) -> list[str]:
     """Patient reports into RUN/reports/<patient_id>.html (+ .pdf)."""
-    paths = report_task(run, model, patient_ids, pdf)
+    paths = report_task(run, model, patient_ids, pdf, horizons)
     get_run_logger().info("%d report(s) in %s", len(paths), Path(run) / "reports")
     return paths

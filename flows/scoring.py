@@ -91,7 +91,7 @@ def score_inbox(config_path: str) -> dict:
 
 def _markdown(result: dict, scores: list[dict]) -> str:
     reports = {Path(p).stem: Path(p).resolve().as_uri() for p in result["reports"]}
-    value = "risk" if scores and "risk" in scores[0] else "predicted"
+    value = "risk_percentile" if scores and "risk_percentile" in scores[0] else "predicted"
     lines = [f"Batch {result['batch']}: {len(scores)} patient(s) scored into `{result['predictions']}`", "",
              f"| patient | {value} | report |", "|---|---|---|"]
     for s in scores:

@@ -65,6 +65,29 @@ def synth(
     console.print(f"cohort written to [bold]{out}[/]")
 
 
+@app.command()
+def example(
+    name: Annotated[str, typer.Argument(help="Example cohort: gbsg2, whas500, veterans, flchain, aids, lung.")],
+    out: Annotated[Path, typer.Option(help="Folder to write the cohort into.")],
+    run: Annotated[Path | None, typer.Option(help="Also start a run folder for it (no slides: train at once, "
+                                             "e.g. `fusion train RUN --model coxnet`).")] = None,
+) -> None:
+    """Write a cohort folder from real public data bundled with scikit-survival or lifelines (clinical only)."""
+    from fusion.examples import EXAMPLES, write_example
+
+    try:
+        folder = write_example(name, out)
+        if run is not None:
+            from fusion.run import init_run
+
+            init_run(run, folder)
+    except (FusionError, ValueError) as e:
+        _fail(e)
+    ex = EXAMPLES[name]
+    console.print(f"{ex.title}: cohort written to [bold]{folder}[/] ({ex.source})"
+                  + (f"; run folder [bold]{run}[/]" if run else ""))
+
+
 @cohort_app.command("validate")
 def cohort_validate(folder: Annotated[Path, typer.Argument(help="Cohort folder with cohort.yaml.")]) -> None:
     """Check cohort.yaml and every table; list every problem at once (file, line, column)."""
@@ -352,26 +375,29 @@ def predict(
 
 
 @app.command()
-def compare(run: Annotated[Path, typer.Argument(help="Run folder with trained models.")]) -> None:
-    """Table of every model and baseline trained in RUN: C-index mean ± sd over the same folds."""
+def compare(
+    run: Annotated[Path, typer.Argument(help="Run folder with trained models.")],
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.")] = 1000,
+) -> None:
+    """Every model and baseline of RUN on the run's folds: fold-mean C-index with its 95% CI, the pooled
+    C on the training-fold scale, % of the oracle above chance, and each model's paired difference to
+    the best (per-fold mean ± sd, paired bootstrap 95% CI)."""
     from fusion.run import open_run
     from fusion.train.evaluate import compare_classifiers, compare_models
 
     try:
         layout, c = open_run(run)
-        table = compare_models(layout.root / "models", c, layout.analysis)
+        table = compare_models(layout.root / "models", c, layout.analysis, n_boot=bootstrap)
         classifiers = compare_classifiers(layout.root / "models", c, layout.analysis)
     except (FusionError, ValueError) as e:
         _fail(e)
     if not len(table) and not len(classifiers):
         _fail(ValueError(f"no trained model in {layout.root / 'models'}; run `fusion train` first"))
     if len(table):
-        out = Table("model", "C-index (mean ± sd)", "% of oracle")
-        for r in table.itertuples():
-            oracle = "" if r.fraction_of_oracle is None or r.fraction_of_oracle != r.fraction_of_oracle else \
-                f"{100 * r.fraction_of_oracle:.0f}%"
-            out.add_row(r.model, f"{r.c_index_mean:.3f} ± {r.c_index_sd:.3f}", oracle)
-        console.print(out)
+        console.print(comparison_table(table))
+        console.print("C: Harrell's C per test fold, mean ± sd [95% CI, patients resampled within folds]; pooled: "
+                      "all patients on the training-fold percentile scale. Δ: paired difference to the best model "
+                      "on the patients both scored.")
         console.print(f"written to {layout.analysis / 'comparison.csv'}")
     if len(classifiers):  # the cohort's label: ACMIL beside ABMIL
         out = Table("classifier", "AUC (mean ± sd)", "balanced accuracy")
@@ -379,6 +405,45 @@ def compare(run: Annotated[Path, typer.Argument(help="Run folder with trained mo
             out.add_row(r.model, f"{r.auc_mean:.3f} ± {r.auc_sd:.3f}", f"{r.balanced_accuracy_mean:.3f}")
         console.print(out)
         console.print(f"written to {layout.analysis / 'classification.csv'}")
+
+
+def comparison_table(table) -> Table:
+    """The `fusion compare` survival table as a rich Table."""
+    has_oracle = table["fraction_of_oracle"].notna().any()
+    out = Table("model", "C-index mean ± sd [95% CI]", "pooled C", "Δ vs best [95% CI]",
+                *(["% of oracle"] if has_oracle else []))
+    for i, r in enumerate(table.itertuples()):
+        delta = "best" if i == 0 else (f"{-r.diff_vs_best_mean:+.3f} ± {r.diff_vs_best_sd:.3f} "
+                                       f"[{-r.diff_vs_best_ci_high:+.3f}, {-r.diff_vs_best_ci_low:+.3f}]")
+        oracle = [] if not has_oracle else [_num(100 * r.fraction_of_oracle if r.fraction_of_oracle is not None
+                                                 else None, "{:.0f}%")]
+        out.add_row(r.model, f"{r.c_index_mean:.3f} ± {r.c_index_sd:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]",
+                    _num(r.pooled_c_index), delta, *oracle)
+    return out
+
+
+@app.command()
+def folds(
+    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    k: Annotated[int, typer.Option("--folds", help="Number of folds (for a new table).")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of the assignment (for a new table).")] = 0,
+    rebuild: Annotated[bool, typer.Option(help="Replace the run's table (every model then retrains).")] = False,
+) -> None:
+    """Show (or make) the run's fold table: which fold each patient is tested in, for every model."""
+    from fusion.run import open_run
+    from fusion.train.folds import FOLDS_CSV, ensure_fold_table, read_fold_table
+
+    try:
+        layout, c = open_run(run)
+        table = read_fold_table(layout.root)
+        if table is None or rebuild:
+            table = ensure_fold_table(layout.root, c, k, seed, rebuild=rebuild)
+    except (FusionError, ValueError) as e:
+        _fail(e)
+    sizes = table.fold.value_counts().sort_index()
+    console.print(f"{layout.root / FOLDS_CSV}: {len(table.fold)} patients in {table.k} folds "
+                  f"({', '.join(str(int(n)) for n in sizes)}), seed {table.seed}, stratified by {table.stratify}; "
+                  f"fingerprint {table.fingerprint}")
 
 
 @app.command()
@@ -400,14 +465,16 @@ def analyze(
         result = analyze_run(layout, c, model or None, groups, bootstrap, seed)
     except (FusionError, ValueError, FileNotFoundError) as e:
         _fail(e)
-    table = Table("model", "Harrell's C [95% CI]", "Uno's C [95% CI]", "td-AUC", "IBS", "log-rank p", "HR high/low")
+    table = Table("model", "Harrell's C fold mean [95% CI]", "pooled C", "Uno's C [95% CI]", "td-AUC", "IBS",
+                  "log-rank p", "HR high/low")
     for r in result["summary"]:
         if r["task"] != "survival":
             continue
         hr = "" if r.get("hr_high") is None else f"{r['hr_high']:.2f} [{r['hr_low_ci']:.2f}, {r['hr_high_ci']:.2f}]"
+        uno = "" if r.get("uno_c") is None else f"{r['uno_c']:.3f} [{_num(r['uno_c_low'])}, {_num(r['uno_c_high'])}]"
         table.add_row(r["model"], f"{r['harrell_c']:.3f} [{r['harrell_c_low']:.3f}, {r['harrell_c_high']:.3f}]",
-                      f"{r['uno_c']:.3f} [{r['uno_c_low']:.3f}, {r['uno_c_high']:.3f}]",
-                      _num(r.get("td_auc_mean")), _num(r.get("ibs")), _num(r["logrank_p"], "{:.2g}"), hr)
+                      _num(r.get("harrell_c_pooled")), uno, _num(r.get("td_auc_mean")), _num(r.get("ibs")),
+                      _num(r.get("logrank_p"), "{:.2g}"), hr)
     console.print(table)
     for r in result["summary"]:
         if r["task"] == "classification":
@@ -429,21 +496,37 @@ def report(
     all_patients: Annotated[bool, typer.Option("--all", help="A report for every patient of the cohort.")] = False,
     pdf: Annotated[bool, typer.Option(help="Also print each report to PDF (headless Chromium).")] = True,
     groups: Annotated[str, typer.Option(help="Risk groups: median or tertiles.")] = "median",
+    horizon: Annotated[list[float] | None, typer.Option(help="Horizon for the absolute risk, in the cohort's time "
+                                                        "unit (repeatable; default 1, 3 and 5 years within the "
+                                                        "training follow-up).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default RUN/reports).")] = None,
+    sign: Annotated[str | None, typer.Option(help="Sign the patients' existing draft reports as this reviewer "
+                                             "(writes <id>.v<n>.signed.html and logs it in audit.jsonl).")] = None,
+    role: Annotated[str, typer.Option(help="The reviewer's role (with --sign).")] = "",
+    decision: Annotated[str, typer.Option(help="agree, agree with comment, disagree or not assessable "
+                                          "(with --sign).")] = "agree",
+    comment: Annotated[str, typer.Option(help="The reviewer's comment (with --sign).")] = "",
 ) -> None:
-    """Clinician reports: one self-contained HTML page (+ PDF) per patient."""
-    from fusion.report.patient import write_reports
+    """Clinician reports: one self-contained HTML page (+ PDF) per patient; or, with --sign, a signed copy."""
     from fusion.run import open_run
 
     if not patient and not all_patients:
         _fail(ValueError("name patients with --patient ID (repeatable) or use --all"))
     try:
         layout, c = open_run(run)
-        ids = None if all_patients else list(patient)
+        ids = list(c.patients["patient_id"]) if all_patients else list(patient)
+        if sign is not None:
+            from fusion.report.signing import sign_report
+
+            signed = [sign_report(out or layout.reports, pid, sign, role, decision, comment, pdf=pdf) for pid in ids]
+            console.print(f"{len(signed)} report(s) signed by {sign}: " + ", ".join(p.name for p in signed))
+            return
+        from fusion.report.patient import write_reports
+
         with _progress() as bar:
-            job = bar.add_task("reports", total=len(c.patients) if ids is None else len(ids))
-            written = write_reports(layout, c, model, ids, out, pdf=pdf, groups=groups,
-                                    on_report=lambda _: bar.advance(job))
+            job = bar.add_task("reports", total=len(ids))
+            written = write_reports(layout, c, model, None if all_patients else ids, out, pdf=pdf, groups=groups,
+                                    on_report=lambda _: bar.advance(job), horizons=horizon or None)
     except (FusionError, ValueError, FileNotFoundError) as e:
         _fail(e)
     html = [p for p in written if p.suffix == ".html"]

@@ -35,11 +35,22 @@ class Outcome(BaseModel):
     event: str = "event"
 
 
+class IntendedUse(BaseModel):
+    """Who a model trained on this cohort is for: printed on every clinician report."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    population: str = "patients like those of this cohort (its inclusion criteria were not stated in cohort.yaml)"
+    predicts: str = "the cohort's survival outcome"
+    not_for: str = "clinical decisions: research use only"
+
+
 class CohortSpec(BaseModel):
     """The contents of `cohort.yaml`: which tables, and the role of each column."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = "cohort"
+    description: str | None = None  # where the data come from, what was left out
+    intended_use: IntendedUse = Field(default_factory=IntendedUse)
     time_unit: Literal["days", "weeks", "months", "years"] = "months"
     tables: Tables = Field(default_factory=Tables)
     outcome: Outcome = Field(default_factory=Outcome)

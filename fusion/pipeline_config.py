@@ -88,9 +88,12 @@ class AnalysisSection(_Frozen):
 
 class ReportSection(_Frozen):
     enabled: bool = True
-    model: str | None = None  # model folder whose predictions the reports show (default: the first model)
+    # model folder whose predictions the reports show; "best": the survival network with the highest
+    # fold-mean C-index of this run (baselines keep no weights to explain); default: the first model
+    model: str | None = None
     patients: list[str] | None = None  # default: every patient
     pdf: bool = False  # also print each report to PDF (needs Chromium; see `fusion doctor`)
+    horizons: list[float] | None = None  # absolute risk by these times (cohort's unit); default 1, 3, 5 years
 
 
 class ServeSection(_Frozen):
@@ -128,6 +131,11 @@ class PipelineConfig(_Frozen):
         folders = [m.folder for m in models]
         if len(set(folders)) != len(folders):
             raise ValueError(f"models: each model folder once, got {folders}")
+        # one fold table per run: every model is cross-validated on the same folds
+        splits = {(m.model_dump().get("folds", 5), m.model_dump().get("seed", 0)) for m in models}
+        if len(splits) > 1:
+            raise ValueError(f"models: every model of a run uses the run's fold table, so all must give the same "
+                             f"folds and seed; got (folds, seed) {sorted(splits)}")
         return models
 
     @field_validator("tile_sets")

@@ -114,10 +114,12 @@ def train_stage(layout: RunLayout, cohort: Cohort, config: TrainConfig, on_epoch
     the same training inputs hash: the features of every slide, the patient tables and the config.
     """
     from fusion.train.baselines import BASELINES, cross_validate_baseline
+    from fusion.train.folds import ensure_fold_table
     from fusion.train.loop import MULTIMODAL
 
     out = layout.model_dir(config.model if config.task == "survival" else f"{config.model}-classification")
-    inputs_hash = training_inputs_hash(layout, cohort, config)
+    folds = ensure_fold_table(layout.root, cohort, config.folds, config.seed)  # one table for every model
+    inputs_hash = hash_config({"inputs": training_inputs_hash(layout, cohort, config), "folds": folds.fingerprint})
     if not force and _stamp_matches(out / TRAIN_STAMP, inputs_hash) and (out / "cv_metrics.json").exists():
         summary = {**json.loads((out / "cv_metrics.json").read_text()), "skipped": True}
         layout.ledger.record("train", out.name, "skipped", inputs_hash=inputs_hash, outputs=[str(out)])
@@ -134,9 +136,10 @@ def train_stage(layout: RunLayout, cohort: Cohort, config: TrainConfig, on_epoch
     if config.model in BASELINES:
         if config.task != "survival":
             raise RunError(f"baseline '{config.model}' is a survival model; use --task survival")
-        summary = cross_validate_baseline(bags, config.model, config.folds, config.seed, config.max_genes, out)
+        summary = cross_validate_baseline(bags, config.model, config.folds, config.seed, config.max_genes, out,
+                                          table=folds)
     else:
-        summary = cross_validate(bags, config, out, on_epoch=on_epoch)
+        summary = cross_validate(bags, config, out, on_epoch=on_epoch, folds=folds)
     summary["patients_without_features"] = missing
     write_json(out / TRAIN_STAMP, {"inputs_hash": inputs_hash, "config": asdict(config)})  # last: a kill retrains
     layout.ledger.record("train", out.name, "done", outputs=[str(out)], config=asdict(config), inputs_hash=inputs_hash,

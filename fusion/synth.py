@@ -144,6 +144,11 @@ def synthesize_cohort(out: str | Path, config: SynthConfig = SynthConfig()) -> P
         "clinical": {"age": "numeric", "grade": "categorical", "stage": "categorical",
                      "er_status": "categorical"},
         "genomics": "all",
+        "description": f"Synthetic cohort made by `fusion synth` (seed {config.seed}): H&E-like slides, gene "
+                       "expression and clinical data with survival drawn from a known hazard (truth/ holds it).",
+        "intended_use": {"population": "synthetic patients resembling ER+ breast cancer (a demonstration cohort)",
+                         "predicts": "overall survival",
+                         "not_for": "any patient: the data are simulated, for demonstration and testing"},
     }
     (out / "cohort.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     return out

@@ -43,6 +43,7 @@ def reported(tiny_run, tmp_path_factory):
     config = dict(model=MODEL, folds=3, epochs=15, patience=6, hidden=32)
     train_stage(layout, cohort, TrainConfig(**config))
     train_stage(layout, cohort, TrainConfig(**config, task="classification"))
+    train_stage(layout, cohort, TrainConfig(**{**config, "model": "abmil"}))  # reads slides only
     train_stage(layout, cohort, TrainConfig(model="clinical_cox", folds=3))
     analysis = analyze_run(layout, cohort, n_boot=200)
     patients = [no_genes, slides.loc[failed_slide, "patient_id"], cohort.patients.index[5]]
@@ -74,13 +75,25 @@ def test_statistics_match_lifelines_and_sksurv(reported):
     t, e, r = p.time.to_numpy(), p.event.to_numpy().astype(bool), p.risk.to_numpy()
     y = Surv.from_arrays(e, t)
 
-    assert m["harrell_c"] == pytest.approx(concordance_index_censored(e, t, r)[0], abs=1e-12)
-    assert m["harrell_c"] == pytest.approx(concordance_index(t, -r, e), abs=1e-3)  # lifelines' own count
-    assert m["uno_c"] == pytest.approx(concordance_index_ipcw(y, y, r, tau=np.quantile(t, 0.9))[0], abs=1e-12)
+    # Headline: Harrell's C inside each test fold, averaged.
+    per_fold = [concordance_index_censored(g.event.astype(bool), g.time, g.risk)[0] for _, g in p.groupby("fold")]
+    assert m["harrell_c"] == pytest.approx(np.mean(per_fold), abs=1e-12)
+    assert m["harrell_c_folds"] == pytest.approx(per_fold, abs=1e-12)
+    lifelines_c = [concordance_index(g.time, -g.risk, g.event) for _, g in p.groupby("fold")]
+    assert m["harrell_c"] == pytest.approx(np.mean(lifelines_c), abs=1e-6)
+    # Pooled statistics: each patient's percentile among its training fold's risks (recomputed here).
+    cuts = {k: json.loads((layout.model_dir(MODEL) / f"fold-{k}" / "metrics.json").read_text())
+            ["train_risk_cutoffs"]["percentiles"] for k in p.fold.unique()}
+    scale = np.array([np.interp(risk, cuts[k], np.arange(101)) for risk, k in zip(r, p.fold, strict=True)])
+    assert m["harrell_c_pooled"] == pytest.approx(concordance_index_censored(e, t, scale)[0], abs=1e-6)
     times = m["td_auc_times"]
-    auc, mean_auc = cumulative_dynamic_auc(y, y, r, times)
-    np.testing.assert_allclose(m["td_auc"], auc, atol=1e-12)
-    assert m["td_auc_mean"] == pytest.approx(mean_auc, abs=1e-12)
+    assert times == sorted(set.intersection(*[set(json.loads(
+        (layout.model_dir(MODEL) / f"fold-{k}" / "metrics.json").read_text())["horizons"]) for k in p.fold.unique()]))
+    tau = max(times)
+    assert m["uno_c"] == pytest.approx(concordance_index_ipcw(y, y, scale, tau=tau)[0], abs=1e-6)
+    auc, mean_auc = cumulative_dynamic_auc(y, y, scale, times)
+    np.testing.assert_allclose(m["td_auc"], auc, atol=1e-6)
+    assert m["td_auc_mean"] == pytest.approx(mean_auc, abs=1e-6)
     surv = p[[f"surv_{h:g}" for h in times]].to_numpy()
     assert m["integrated_brier_score"] == pytest.approx(integrated_brier_score(y, y, surv, times), abs=1e-12)
 
@@ -121,7 +134,10 @@ def test_classification_metrics_match_sklearn(reported):
     p = pd.read_parquet(layout.model_dir(name) / "predictions.parquet")
     y = (p.label == m["classes"][1]).astype(int)
     pred = (p[f"prob_{m['classes'][1]}"] > p[f"prob_{m['classes'][0]}"]).astype(int)
-    assert m["auc"] == pytest.approx(roc_auc_score(y, p[f"prob_{m['classes'][1]}"]))
+    per_fold = [roc_auc_score((g.label == m["classes"][1]).astype(int), g[f"prob_{m['classes'][1]}"])
+                for _, g in p.groupby("fold")]
+    assert m["auc"] == pytest.approx(np.mean(per_fold), abs=1e-12)  # the headline: per test fold
+    assert m["auc_pooled"] == pytest.approx(roc_auc_score(y, p[f"prob_{m['classes'][1]}"]), abs=1e-12)
     assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
     assert m["f1"] == pytest.approx(f1_score(y, pred))
     assert m["confusion_matrix"] == confusion_matrix(y, pred).tolist()
@@ -131,13 +147,14 @@ def test_analysis_artifacts(reported):
     layout = reported["layout"]
     summary = pd.read_csv(layout.analysis / "summary.csv")
     assert {MODEL, "clinical_cox", f"{MODEL}-classification"} <= set(summary.model)
-    for name in ("km", "calibration", "forest"):
+    for name in ("km", "calibration", "forest", "decision_curve"):
         for ext in ("png", "svg"):
             assert (layout.analysis / MODEL / f"{name}.{ext}").stat().st_size > 1000
     assert (layout.analysis / f"{MODEL}-classification" / "roc.png").exists()
     json.loads((layout.analysis / "metrics.json").read_text())  # strict JSON (no NaN)
     html = (layout.analysis / "report.html").read_text()
     assert "<img" in html and 'src="data:image/png;base64,' in html and 'src="/' not in html
+    assert 'id="tripod"' in html and "for a person to write" in html and "median follow-up" in html
 
 
 def _open(page, path):
@@ -171,7 +188,8 @@ def test_reports_render_in_headless_chromium(reported):
         assert len(images) >= 3 and all(i["ok"] for i in images), images  # survival plot, heatmap, tiles
         group = page.inner_text("#risk-group")
         assert re.search(r"(low|high) risk", group), group
-        assert re.search(r"-?\d+\.\d\d", page.inner_text("#risk-score"))
+        assert re.search(r"percentile \d+ (≥|<) 50, the training cohort's median", page.inner_text("#risk-threshold"))
+        assert re.search(r"12 months\s+\d+%\s+95% CI \d+–\d+%", page.inner_text("#absolute-risk"))
         assert "th" in page.inner_text("#risk-percentile")
         assert page.pdf(format="A4")[:4] == b"%PDF"
         size, ink, colours = _non_blank(page.screenshot(full_page=True))
@@ -202,6 +220,7 @@ def test_report_shows_the_patients_group_and_nobody_elses_data(reported):
             "train_risk_cutoffs"]["median"]
         expected = "high" if oof.loc[pid, "risk"] >= median else "low"
         assert f'class="group {expected}"' in html
+        assert f"by the fold {fold} model, which did not train on this patient" in html
         assert "research use only" in html.lower()
     first = (layout.reports / f"{reported['no_genes']}.html").read_text()
     assert "No genomics" in first
@@ -230,8 +249,9 @@ def test_unknown_patient_is_named(reported):
 
 
 def test_analysis_of_models_trained_before_curves_and_cutoffs_were_stored(reported, tmp_path):
-    """Older model folders (no survival columns, no training-fold percentiles) still analyse:
-    groups fall back to the pooled out-of-fold median, the Brier score is left out."""
+    """Older model folders (no survival columns, no training-fold percentiles) still analyse: the
+    per-fold C is reported; pooled statistics and risk groups, which would need the folds' training
+    risks, are listed as not estimable instead of being computed on mixed fold scales."""
     from fusion.run import RunLayout
 
     layout = RunLayout(tmp_path / "run")
@@ -245,15 +265,17 @@ def test_analysis_of_models_trained_before_curves_and_cutoffs_were_stored(report
         path.write_text(json.dumps(metrics))
     analyze_run(layout, reported["cohort"], n_boot=50)
     m = _model_metrics(layout, "legacy_cox")
-    assert m["cutoff_source"] == "pooled out-of-fold" and "integrated_brier_score" not in m
-    assert m["td_auc_mean"] > 0.5 and (layout.analysis / "report.html").stat().st_size > 10_000
+    assert m["harrell_c"] > 0.5 and "harrell_c_pooled" not in m and "kaplan_meier" not in m
+    assert "retrain" in m["not_estimable"]["pooled statistics and risk groups"]
+    assert (layout.analysis / "report.html").stat().st_size > 5_000
 
 
 def test_integrated_gradients_add_up_to_the_risk_difference(reported):
     """Completeness: genes' and clinical factors' attributions sum to risk(patient) minus the risk
     of the same slides with the training fold's average genomics and clinical profile."""
     from fusion.report.explain import explain_patient
-    from fusion.report.patient import _average_clinical, load_trained
+    from fusion.report.patient import load_trained
+    from fusion.report.patient_sections import average_clinical as _average_clinical
     from fusion.train.data import load_bags
 
     layout, cohort = reported["layout"], reported["cohort"]
@@ -264,9 +286,112 @@ def test_integrated_gradients_add_up_to_the_risk_difference(reported):
     assert 0 < average[len(fold.prep.numeric):].sum() <= len(fold.prep.categories) + 1e-6  # category shares
     for i in (3, 11):
         row = {k: v[i] for k, v in tab.items()}
-        e = explain_patient(fold.model, bags.features[i], row, fold.discrete, steps=64, baselines={"clinical": average})
+        e = explain_patient(fold.model, bags.features[i], row, fold.discrete, baselines={"clinical": average})
+        assert e.completeness_error < 0.05 and e.ig_steps >= 32  # steps grow until the sum adds up
         reference = dict(row, genomics=np.zeros_like(row["genomics"]), clinical=average)
         r0 = explain_patient(fold.model, bags.features[i], reference, fold.discrete, attribute=False).risk
         total = e.genomics.sum() + e.clinical.sum()
         assert abs(e.risk - r0) > 1e-3
         assert total == pytest.approx(e.risk - r0, rel=0.05, abs=0.01), (total, e.risk - r0)
+
+
+def test_summary_fits_one_a4_page_and_nothing_overflows(reported):
+    """Printed (print media, A4 width), the summary section is at most one page high, and no element
+    sticks out of the page on either the summary or the detail pages."""
+    from playwright.sync_api import sync_playwright
+
+    from fusion.report.pdf import launch
+
+    width, height = 186 / 25.4 * 96, (297 - 28) / 25.4 * 96  # A4 inside the 12 mm / 14 mm margins, CSS px
+    with sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page(viewport={"width": int(width), "height": int(height)})
+        for pid in reported["patients"]:
+            page.goto((reported["layout"].reports / f"{pid}.html").resolve().as_uri(), wait_until="load")
+            page.emulate_media(media="print")
+            box = page.locator("#summary").bounding_box()
+            assert box["height"] <= height, (pid, box)
+            overflowing = page.evaluate(f"""() => Array.from(document.querySelectorAll('body *'))
+                .filter(e => e.getBoundingClientRect().right > {width} + 1)
+                .map(e => e.tagName + '#' + e.id + '.' + e.className)""")
+            assert not overflowing, (pid, overflowing[:5])
+            text = page.inner_text("#summary")
+            for item in ("Risk group", "Percentile", "Probability of the event", "calibration slope",
+                         "This model reads slides, genomics and clinical data", "Intended use", "Reviewer"):
+                assert item in text, (pid, item)
+        browser.close()
+
+
+def test_every_pdf_page_names_the_patient(reported):
+    from pypdf import PdfReader
+
+    pid = reported["patients"][2]
+    reader = PdfReader(reported["layout"].reports / f"{pid}.pdf")
+    assert len(reader.pages) >= 2  # the summary page, then the details
+    for number, page in enumerate(reader.pages, 1):
+        text = page.extract_text()
+        assert f"Patient {pid}" in text and f"page {number} of {len(reader.pages)}" in text, (number, text[:200])
+
+
+def test_a_slide_only_model_says_only_what_it_reads(reported):
+    """An abmil report: 'reads slides', genomics and clinical 'not used', and no flag about genomics
+    even for the patient without any."""
+    layout, cohort = reported["layout"], reported["cohort"]
+    pid = reported["no_genes"]
+    [html] = write_reports(layout, cohort, "abmil", [pid], out_dir=layout.root / "abmil-reports", pdf=False)
+    text = re.sub(r"<[^>]+>", " ", re.sub(r'data:[^"]+', "", html.read_text()))
+    assert "This model reads slides." in text and "slides, genomics" not in text
+    assert "No genomics" not in text and "missing genomics" not in text
+    assert "What moved the risk" not in text  # no genes or clinical factors to attribute
+
+
+def test_new_patients_outside_the_training_cohort_are_warned_about(reported, tmp_path):
+    """Scored by another run's model, a patient aged 150 (training: 30-90) is flagged in plain words."""
+    layout, cohort = reported["layout"], reported["cohort"]
+    cohort_dir = tmp_path / "cohort"
+    shutil.copytree(cohort.root, cohort_dir)
+    patients = pd.read_csv(cohort_dir / "patients.csv", dtype={"patient_id": str})
+    pid = reported["patients"][2]
+    patients.loc[patients.patient_id == pid, "age"] = 150
+    patients.to_csv(cohort_dir / "patients.csv", index=False)
+    other = init_run(tmp_path / "other", cohort_dir)
+    for part in ("tiles", "features"):
+        shutil.copytree(layout.root / part, other.root / part)
+    other, other_cohort = open_run(other.root)
+    [html] = write_reports(other, other_cohort, layout.model_dir(MODEL), [pid], pdf=False)
+    text = html.read_text()
+    assert "Unlike the training cohort: age = 150 lies outside the range of the training patients" in text
+    assert "mean percentile of the 3 fold models" in text
+
+
+def test_signing_writes_numbered_copies_and_an_audit_trail(reported, tmp_path):
+    import hashlib
+
+    from fusion.report.signing import sign_report
+
+    reports = tmp_path / "reports"
+    shutil.copytree(reported["layout"].reports, reports)
+    pid = reported["patients"][2]
+    draft = reports / f"{pid}.html"
+    first = sign_report(reports, pid, "Dr A. Reviewer", "pathologist", "agree with comment", "consistent with grade")
+    assert first.name == f"{pid}.v1.signed.html"
+    signed = first.read_text()
+    assert 'data-state="signed"' in signed and "Dr A. Reviewer" in signed and "consistent with grade" in signed
+    assert 'data-state="unsigned"' in draft.read_text()  # the draft itself is untouched
+    second = sign_report(reports, pid, "Dr B", decision="disagree")
+    assert second.name == f"{pid}.v2.signed.html" and first.read_text() == signed  # never overwritten
+    log = [json.loads(line) for line in (reports / "audit.jsonl").read_text().splitlines()]
+    assert [e["version"] for e in log] == [1, 2] and log[0]["reviewer"] == "Dr A. Reviewer"
+    assert log[0]["signed_sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
+    assert log[0]["draft_sha256"] == hashlib.sha256(draft.read_bytes()).hexdigest()
+    # A draft rewritten after a signature says so, and the log records it.
+    layout, cohort = reported["layout"], reported["cohort"]
+    [new] = write_reports(layout, cohort, MODEL, [pid], out_dir=reports, pdf=False)
+    assert f"{pid}.v1.signed.html, {pid}.v2.signed.html" in new.read_text()
+    assert json.loads((reports / "audit.jsonl").read_text().splitlines()[-1])["status"] == "rewritten-after-signature"
+    from fusion.errors import RunError
+
+    with pytest.raises(ValueError, match="decision must be one of"):
+        sign_report(reports, pid, "Dr C", decision="maybe")
+    with pytest.raises(RunError, match="no draft report for patient NOPE"):
+        sign_report(reports, "NOPE", "Dr C")

@@ -8,8 +8,8 @@ from fusion.run import open_run
 from fusion.stages import evaluate_stage, train_stage
 from fusion.train.checkpoint import load_checkpoint
 from fusion.train.data import load_bags
+from fusion.train.folds import make_fold_table
 from fusion.train.loop import TrainConfig, predict_risk
-from fusion.train.splits import cv_folds
 
 CONFIG = TrainConfig(folds=3, epochs=40, patience=10)
 
@@ -26,7 +26,7 @@ def test_abmil_learns_the_synthetic_signal(trained):
     result = evaluate_stage(layout, cohort, "abmil")
     # The tiny cohort's risk is mostly visible in the slides: well above chance, near the oracle.
     assert result["c_index_mean"] > 0.65, result
-    assert result["fraction_of_oracle"] > 0.8, result
+    assert result["fraction_of_oracle"] > 0.6, result  # share of the oracle's discrimination above chance
     assert summary["n_patients"] == 60
 
 
@@ -69,13 +69,15 @@ def test_training_is_repeatable(trained, tmp_path):
 
 
 def test_folds_are_patient_level_and_stratified():
-    event = np.array([1] * 20 + [0] * 40)
-    folds = cv_folds(event, 5, seed=0)
-    seen = np.concatenate([te for _, te in folds])
+    event = np.array([1] * 20 + [0] * 40, float)
+    ids = [f"P{i}" for i in range(60)]
+    table = make_fold_table(ids, event, 5, seed=0)
+    splits = table.splits(ids)
+    seen = np.concatenate([te for _, te in splits])
     assert sorted(seen) == list(range(60))
-    assert all(event[te].sum() == 4 for _, te in folds)
+    assert all(event[te].sum() == 4 for _, te in splits)
     with pytest.raises(ValueError, match="too few for 5 folds"):
-        cv_folds(np.array([1, 1, 0, 0, 0, 0, 0, 0]), 5)
+        make_fold_table(ids[:8], np.array([1, 1, 0, 0, 0, 0, 0, 0], float), 5)
 
 
 @pytest.mark.parametrize("model", ["coattn", "biofusion"])
@@ -109,22 +111,27 @@ def test_fusion_models_train_with_missing_modalities(model, tmp_path_factory):
     assert config["preprocessor"]["genes"] and config["model_kwargs"]["groups"]
 
 
-@pytest.mark.parametrize("baseline", ["clinical_cox", "rsf", "genomics_snn"])
+@pytest.mark.parametrize("baseline", ["clinical_cox", "coxnet", "rsf", "genomics_snn"])
 def test_baselines_share_the_folds_and_learn(baseline, tiny_fusion_run):
-    """Baselines run on the same patient folds as the models and find the clinical/genomic signal."""
+    """Baselines run on the run's fold table, like the models, and find the clinical/genomic signal."""
+    from fusion.train.folds import read_fold_table
+
     layout, cohort = open_run(tiny_fusion_run)
     config = TrainConfig(model=baseline, folds=3, epochs=30, patience=10)
     summary = train_stage(layout, cohort, config)
     assert summary["c_index_mean"] > 0.6, summary
     preds = pd.read_parquet(layout.model_dir(baseline) / "predictions.parquet")
-    other = layout.model_dir("coattn") / "predictions.parquet"  # when the fusion tests ran first
-    if other.exists():
-        merged = preds.merge(pd.read_parquet(other), on="patient_id")
-        assert len(merged) == len(preds) and (merged.fold_x == merged.fold_y).all()  # identical folds
+    table = read_fold_table(layout.root)
+    assert (preds.set_index("patient_id").fold == table.fold.loc[preds.patient_id]).all()  # the run's folds
+    assert summary["fold_table"]["fingerprint"] == table.fingerprint
+    if baseline == "coxnet":  # penalty chosen inside each training fold, by inner cross-validation
+        fits = [json.loads((layout.model_dir("coxnet") / f"fold-{k}" / "metrics.json").read_text()) for k in range(3)]
+        assert all(f["alpha"] > 0 and f["l1_ratio"] in (0.1, 0.5, 0.9) and f["inner_c_index"] > 0.55 for f in fits)
+        assert 0 < fits[0]["nonzero_coefficients"] < len(fits[0]["coefficients"])  # the lasso part selects
 
 
 def test_unknown_model_name_is_refused_early():
-    with pytest.raises(ValueError, match="Unknown model 'cox'; available: abmil, .*clinical_cox, rsf"):
+    with pytest.raises(ValueError, match="Unknown model 'cox'; available: abmil, .*clinical_cox, coxnet, rsf"):
         TrainConfig(model="cox")
 
 
@@ -142,12 +149,14 @@ def test_classification_head_learns_the_label(model, tiny_run):
 def test_survival_predictions_carry_curves(trained):
     layout, _, _ = trained
     preds = pd.read_parquet(layout.model_dir("abmil") / "predictions.parquet")
-    surv = preds[[c for c in preds.columns if c.startswith("surv_")]].to_numpy()
-    assert surv.shape[1] >= 5 and ((surv >= 0) & (surv <= 1)).all()  # deciles of the event times
-    assert (np.diff(surv, axis=1) <= 1e-9).all()  # survival never rises with time
-    # Higher risk, lower survival at every horizon (within a fold: same baseline hazard).
-    fold = preds[preds.fold == 0].sort_values("risk")
-    assert (np.diff(fold.filter(like="surv_").to_numpy(), axis=0) <= 1e-9).all()
+    for k, fold in preds.groupby("fold"):
+        horizons = json.loads((layout.model_dir("abmil") / f"fold-{k}" / "metrics.json").read_text())["horizons"]
+        assert 3 <= len(horizons) <= 8 and all(h % 12 == 0 for h in horizons)  # round months, training fold's
+        surv = fold.sort_values("risk")[[f"surv_{h:g}" for h in horizons]].to_numpy()
+        assert ((surv >= 0) & (surv <= 1)).all()
+        assert (np.diff(surv, axis=1) <= 1e-9).all()  # survival never rises with time
+        # Higher risk, lower survival at every horizon (within a fold: same baseline hazard).
+        assert (np.diff(surv, axis=0) <= 1e-9).all()
 
 
 def test_predict_scores_new_patients_with_the_fold_ensemble(trained, tmp_path):
@@ -161,12 +170,18 @@ def test_predict_scores_new_patients_with_the_fold_ensemble(trained, tmp_path):
                                       "--out", str(out)])
     assert result.exit_code == 0, result.output
     scores = pd.read_parquet(out)
-    assert len(scores) == 60 and scores.folds.iat[0] == 3 and np.isfinite(scores.risk).all()
-    # The ensemble ranks patients much like the out-of-fold predictions do.
-    oof = pd.read_parquet(layout.model_dir("abmil") / "predictions.parquet").set_index("patient_id")
+    assert len(scores) == 60 and scores.folds.iat[0] == 3
+    assert scores.risk_percentile.between(0, 100).all() and set(scores.risk_group) == {"low", "high"}
+    # The ensemble ranks patients much like the out-of-fold predictions do (on the training-fold scale).
     from scipy.stats import spearmanr
 
-    assert spearmanr(scores.set_index("patient_id").risk, oof.loc[scores.patient_id].risk)[0] > 0.5
+    from fusion.survival.crossval import load_out_of_fold, training_percentile
+
+    oof = load_out_of_fold(layout.model_dir("abmil"))
+    honest = pd.Series(training_percentile(oof), index=oof.preds.patient_id)
+    assert spearmanr(scores.set_index("patient_id").risk_percentile, honest.loc[scores.patient_id])[0] > 0.5
+    # every fold's raw risk is kept, and the score is the mean of the folds' percentiles, not of raw risks
+    assert {"risk_fold0", "risk_fold1", "risk_fold2"} <= set(scores.columns) and "risk" not in scores
     missing = CliRunner().invoke(app, ["predict", str(layout.root), "--model-dir", str(tmp_path)])
     assert missing.exit_code == 2 and "no fold checkpoints" in missing.output
 
@@ -182,8 +197,10 @@ def test_discrete_time_nll_training(model, tiny_run, tmp_path):
     summary = cross_validate(bags, config, tmp_path)
     assert summary["c_index_mean"] > 0.6, summary
     preds = pd.read_parquet(tmp_path / "predictions.parquet")
-    surv = preds.filter(like="surv_").to_numpy()
-    assert ((surv >= 0) & (surv <= 1)).all() and (np.diff(surv, axis=1) <= 1e-9).all()
+    for k, fold in preds.groupby("fold"):
+        horizons = json.loads((tmp_path / f"fold-{k}" / "metrics.json").read_text())["horizons"]
+        surv = fold[[f"surv_{h:g}" for h in horizons]].to_numpy()
+        assert ((surv >= 0) & (surv <= 1)).all() and (np.diff(surv, axis=1) <= 1e-9).all()
     _, config = load_checkpoint(tmp_path / "fold-0")
     assert len(config["bin_edges"]) == 3 and config["model_kwargs"]["n_outputs"] == 4
 

@@ -1,10 +1,16 @@
 """`fusion report`: one self-contained HTML page (and a PDF) per patient, for the clinician.
 
+The first A4 page is the summary a tumour board reads: the risk group with the cut it was placed by,
+the percentile among the training cohort, the absolute risk of the event by stated horizons with a
+95% interval and whether those risks are calibrated, what the model read and what was missing,
+warnings (data quality, inputs unlike the training cohort), the intended use, and a sign-off block.
+The pages after it hold the detail: the predicted survival curve, the slides with where the model
+looked, what moved the risk, the class prediction and the model card.
+
 A report holds that patient's data alone: the cohort appears only as aggregate Kaplan-Meier curves
-and the model's cross-validated metrics. The risk of a patient the model was cross-validated on is
-their out-of-fold risk (the fold model that never saw them); a new patient is scored by every fold
-model and the scores averaged. The percentile places a risk among the risks the fold model gave its
-own training patients, so the risk group uses the same cut as `fusion analyze`.
+and cross-validated metrics. A patient of the training cohort is scored and explained by the fold
+model that never trained on them; a new patient by every fold model (percentiles averaged, never raw
+risks). Every sentence about inputs is derived from what the model declares it reads.
 """
 
 from __future__ import annotations
@@ -21,22 +27,23 @@ import pandas as pd
 import torch
 
 from fusion import __version__
-from fusion.cohort import Cohort
+from fusion.cohort import Cohort, CohortSpec, load_spec
 from fusion.errors import RunError
-from fusion.features.extract import read_features
+from fusion.report import patient_sections as sections
 from fusion.report import plots, stats
-from fusion.report.analysis import fold_percentiles, percentile_of
 from fusion.report.explain import FoldExplanation, explain_patient
 from fusion.report.html import data_uri, render
-from fusion.report.slide_images import slide_pictures
-from fusion.run import RunLayout
+from fusion.report.patient_risk import absolute_risk, risk_group
+from fusion.report.signing import note_new_draft, sign_off_block, signed_versions
+from fusion.report.tripod import median_follow_up
+from fusion.run import RUN_FILE, RunLayout
 from fusion.storage import write_text
-from fusion.train.checkpoint import load_checkpoint
+from fusion.survival.calibration import Recalibration, cross_fitted_risk, fit_recalibration
+from fusion.survival.crossval import OutOfFold, fold_mean_c, load_out_of_fold, percentile_of, training_percentile
+from fusion.survival.horizons import report_horizons
+from fusion.train.checkpoint import fold_dirs, load_checkpoint
 from fusion.train.data import Bags, Preprocessor, load_bags
-from fusion.train.loop import MULTIMODAL, survival_at
-from fusion.wsi.tiling import read_coords
-
-LITTLE_TISSUE_TILES = 50  # fewer tiles than this: the slide shows little tissue at the working resolution
+from fusion.train.loop import model_inputs
 
 
 @dataclass
@@ -76,16 +83,17 @@ class TrainedModel:
     def classify(self) -> bool:
         return self.config["train_config"].get("task") == "classification"
 
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return model_inputs(self.config["model"])
+
 
 def load_trained(directory: Path) -> TrainedModel:
-    checkpoints = sorted(directory.glob("fold-*/model.safetensors"))
-    if not checkpoints:
-        raise RunError(f"no fold checkpoints (fold-*/model.safetensors) in {directory}; baselines keep no weights, "
-                       "so reports need a trained network (e.g. `fusion train RUN --model biofusion`)")
+    """Every fold of a model, in fold order and checked against its training manifest (`fold_dirs`)."""
     folds = []
-    for weights in checkpoints:
-        model, config = load_checkpoint(weights.parent)
-        metrics_path = weights.parent / "metrics.json"
+    for folder in fold_dirs(directory):
+        model, config = load_checkpoint(folder)
+        metrics_path = folder / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
         folds.append(Fold(model, config, metrics, Preprocessor.from_state(config["preprocessor"])))
     oof_path = directory / "predictions.parquet"
@@ -96,9 +104,10 @@ def load_trained(directory: Path) -> TrainedModel:
 
 def write_reports(layout: RunLayout, cohort: Cohort, model: str | Path, patient_ids: list[str] | None = None,
                   out_dir: str | Path | None = None, pdf: bool = True, groups: str = "median", n_top: int = 6,
-                  on_report: Callable[[str], None] | None = None) -> list[Path]:
+                  on_report: Callable[[str], None] | None = None, horizons: list[float] | None = None) -> list[Path]:
     """Write `reports/<patient_id>.html` (+ `.pdf`) for the patients named (default: every patient
-    of the cohort). `model` is a model name of this run or a model folder of another run."""
+    of the cohort). `model` is a model name of this run or a model folder of another run; `horizons`
+    (in the cohort's time unit) override the default 1, 3 and 5 years inside the training follow-up."""
     model_dir = Path(model) if Path(model).is_dir() else layout.model_dir(str(model))
     trained = load_trained(model_dir)
     if trained.classify:
@@ -106,7 +115,7 @@ def write_reports(layout: RunLayout, cohort: Cohort, model: str | Path, patient_
                        f"(its '-classification' sibling is picked up by itself)")
     classifier_dir = model_dir.parent / f"{model_dir.name}-classification"
     classifier = load_trained(classifier_dir) if (classifier_dir / "fold-0" / "model.safetensors").exists() else None
-    context = ReportContext.build(layout, cohort, trained, classifier, groups)
+    context = ReportContext.build(layout, cohort, trained, classifier, groups, horizons)
     ids = list(cohort.patients["patient_id"]) if patient_ids is None else list(patient_ids)
     unknown = [p for p in ids if p not in context.index]
     if unknown:
@@ -116,8 +125,9 @@ def write_reports(layout: RunLayout, cohort: Cohort, model: str | Path, patient_
     written = []
     with one_torch_thread():  # one patient's forward passes are tiny: thread hand-offs would dominate
         for pid in ids:
-            html = context.render(pid, n_top)
+            html = context.render(pid, n_top, signed_versions(out, pid))
             written.append(write_text(out / f"{pid}.html", html))
+            note_new_draft(out, pid, written[-1])
             if on_report:
                 on_report(pid)
     if pdf:
@@ -137,6 +147,15 @@ def one_torch_thread():
         torch.set_num_threads(before)
 
 
+def training_spec(trained: TrainedModel) -> CohortSpec | None:
+    """cohort.yaml of the cohort the model was trained on (its intended use), when still readable."""
+    try:
+        cohort_dir = json.loads((trained.directory.parent.parent / RUN_FILE).read_text())["cohort"]
+        return load_spec(Path(cohort_dir))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 @dataclass
 class ReportContext:
     """What every report of one model and run shares, computed once."""
@@ -151,265 +170,150 @@ class ReportContext:
     class_tabs: list[dict[str, np.ndarray]]
     index: dict[str, int]
     reference_km: dict
-    horizon_max: float
     same_run: bool
     ledger_failures: dict[str, str]
-    analysis: dict
+    recal: Recalibration
+    horizons: list[float]  # where the report states absolute risk
+    grid: np.ndarray  # time points of the predicted survival curve
+    training: dict  # the training cohort and the model's cross-validated performance
+    spec: CohortSpec  # the training cohort's cohort.yaml (intended use, time unit)
 
     @classmethod
     def build(cls, layout: RunLayout, cohort: Cohort, trained: TrainedModel, classifier: TrainedModel | None,
-              groups: str) -> ReportContext:
+              groups: str, horizons: list[float] | None = None) -> ReportContext:
         train = trained.config["train_config"]
         bags, _ = load_bags(layout, cohort, trained.config["encoder"], train.get("tile_set", ""),
                             keep_without_tiles=True)
         tabs = [f.prep.transform(bags) for f in trained.folds]
         class_tabs = [f.prep.transform(bags) for f in classifier.folds] if classifier else []
         same_run = trained.directory.resolve().parent.parent == layout.root.resolve()
-        oof = trained.oof
-        if oof is None or not len(oof):
+        if trained.oof is None or not len(trained.oof):
             raise RunError(f"{trained.directory} has no out-of-fold predictions: the cohort reference is missing")
-        pct, _ = fold_percentiles(trained.directory, oof)
-        reference_km = stats.kaplan_meier(oof["time"], oof["event"], stats.risk_groups(pct, groups))
-        failures = {}
-        for e in layout.ledger.entries():
-            if e.get("status") == "failed":
-                failures[e["item"]] = f"{e['step']}: {e.get('error', 'failed')}"
-            elif e.get("status") == "done":
-                failures.pop(e["item"], None)
-        analysis_path = layout.analysis / "metrics.json"
-        analysis = {}
-        if analysis_path.exists():
-            analysis = next((m for m in json.loads(analysis_path.read_text())["models"]
-                             if m["model"] == trained.name), {})
+        oof = load_out_of_fold(trained.directory)
+        if not oof.has_cutoffs:
+            raise RunError(f"{trained.directory} was trained before folds stored their training risks: "
+                           "risk groups cannot be placed without looking at the test folds; retrain it")
+        spec = training_spec(trained) or cohort.spec
+        reference_km = stats.kaplan_meier(oof.preds["time"], oof.preds["event"],
+                                          stats.risk_groups(training_percentile(oof), groups))
+        chosen = report_horizons(stats.usable_times(oof.preds["time"], oof.preds["event"], oof.common_horizons),
+                                 spec.time_unit, horizons)
+        grid = np.round(np.linspace(0, max(chosen) * 1.25, 61), 6)
+        recal = fit_recalibration(oof, sorted({*grid.tolist(), *chosen}), n_boot=200)
+        training = _training_summary(trained, oof, recal, chosen, layout)
         return cls(layout, cohort, trained, classifier, groups, bags, tabs, class_tabs,
-                   {pid: i for i, pid in enumerate(bags.ids)}, reference_km, float(oof["time"].max()),
-                   same_run, failures, analysis)
+                   {pid: i for i, pid in enumerate(bags.ids)}, reference_km, same_run, _ledger_failures(layout),
+                   recal, chosen, grid, training, spec)
 
     # -- one patient ---------------------------------------------------------------------------
-    def render(self, pid: str, n_top: int) -> str:
+    def render(self, pid: str, n_top: int, signed: list[Path] = ()) -> str:
         i = self.index[pid]
         features = self.bags.features[i]
-        multimodal = self.trained.config["model"] in MULTIMODAL
-        if not len(features) and not multimodal:
-            explanations = []
-        else:
-            explanations = [explain_patient(f.model, features, _row(tab, i), f.discrete, attribute=multimodal,
-                                            baselines={"clinical": _average_clinical(f.prep)})
-                            for f, tab in zip(self.trained.folds, self.tabs, strict=True)]
-        risk = self._risk(pid, explanations)
-        curve = self._curve(pid, explanations, risk)
-        km_png = plots.png_bytes(plots.km_figure(self.reference_km, self.cohort.spec.time_unit,
-                                                 "Cohort risk groups (Kaplan–Meier, 95% bands)",
+        inputs = self.trained.inputs
+        reads_tabular = "genomics" in inputs or "clinical" in inputs
+        # A patient of the training cohort is explained by the one fold model that never trained on
+        # them; a new patient by every fold model (none trained on them).
+        fold = self._oof_fold(pid)
+        chosen = [fold] if fold is not None else list(range(len(self.trained.folds)))
+        explained = [self.trained.folds[k] for k in chosen]
+        can_score = len(features) > 0 or reads_tabular
+        explanations = [explain_patient(f.model, features, _row(self.tabs[k], i), f.discrete, attribute=reads_tabular,
+                                        baselines={"clinical": sections.average_clinical(f.prep)})
+                        for k, f in zip(chosen, explained, strict=True)] if can_score else []
+        risk = self._risk(pid, explanations, explained, fold)
+        curve = risk.get("absolute", {}).get("curve")
+        km_png = plots.png_bytes(plots.km_figure(self.reference_km, self.spec.time_unit,
+                                                 "Training cohort risk groups (Kaplan–Meier, 95% bands)",
                                                  patient={**curve, "group": risk.get("group")} if curve else None),
                                  dpi=100)
-        slides = self._slides(pid, explanations, n_top)
+        slides = sections.slides(self, pid, explanations, n_top) if "tiles" in inputs else []
+        modalities = sections.modalities(self, i, inputs, slides)
         context = {
-            "pid": pid, "risk": risk, "curve": curve, "km_png": km_png, "slides": slides,
-            "genes": _top(self._attributions(explanations, "genomics"), 8) if multimodal else [],
-            "clinical": self._clinical(explanations, i) if multimodal else [],
-            "classification": self._classification(pid, i),
-            "flags": self._flags(pid, i, risk, slides), "model": self._model_card(),
-            "time_unit": self.cohort.spec.time_unit, "created": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-            "data_uri": data_uri, "version": __version__,
+            "pid": pid, "risk": risk, "km_png": km_png, "slides": slides, "modalities": modalities,
+            "inputs": inputs, "inputs_text": sections.inputs_sentence(inputs),
+            "explain": sections.attributions(self, explanations, explained, i) if reads_tabular else None,
+            "classification": sections.classification(self, pid, i),
+            "flags": sections.flags(self, i, risk, slides, explanations, explained, inputs),
+            "ood": sections.out_of_distribution(self, i, explained, inputs),
+            "model": self._model_card(fold), "training": self.training, "intended_use": self.spec.intended_use,
+            "training_cohort": self.spec.name,
+            "time_unit": self.spec.time_unit, "created": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "data_uri": data_uri, "version": __version__, "sign_off": sign_off_block(),
+            "signed": [p.name for p in signed],
+            "explained_by": (f"by the fold {fold} model, which did not train on this patient" if fold is not None
+                             else f"averaged over the {len(chosen)} fold models (none trained on this patient)"),
         }
         return render("patient.html.j2", **context)
 
-    def _risk(self, pid: str, explanations: list[FoldExplanation]) -> dict:
+    def _oof_fold(self, pid: str) -> int | None:
+        """The fold in which this patient was a test patient (same run only), else None."""
         oof = self.trained.oof
         row = oof[oof.patient_id == pid] if self.same_run else oof.iloc[0:0]
-        if len(row):
-            fold = int(row.fold.iloc[0])
-            value = float(row.risk.iloc[0])
-            pct = self.trained.folds[fold].percentiles
-            percentile = float(percentile_of([value], pct)[0]) if pct else self._pooled_percentile(value)
-            source = f"out-of-fold (fold {fold}: the model that did not train on this patient)"
+        return int(row.fold.iloc[0]) if len(row) else None
+
+    def _risk(self, pid: str, explanations: list[FoldExplanation], explained: list[Fold], fold: int | None) -> dict:
+        """Percentile, group (with its cut) and absolute risks of one patient."""
+        oof = self.trained.oof
+        if fold is not None:
+            value = float(oof.loc[oof.patient_id == pid, "risk"].iloc[0])
+            percentile = float(percentile_of([value], self.trained.folds[fold].percentiles)[0])
+            fold_percentiles, source = None, f"fold {fold} model (it did not train on this patient)"
         elif explanations:
-            fold = None
+            # Each fold model's risk is on its own scale: average the percentiles, never the raw risks.
+            fold_percentiles = [float(percentile_of([e.risk], f.percentiles)[0])
+                                for e, f in zip(explanations, explained, strict=True)]
+            percentile = float(np.mean(fold_percentiles))
             value = float(np.mean([e.risk for e in explanations]))
-            per_fold = [percentile_of([e.risk], f.percentiles)[0] for e, f in
-                        zip(explanations, self.trained.folds, strict=True) if f.percentiles]
-            percentile = float(np.mean(per_fold)) if per_fold else self._pooled_percentile(value)
-            source = f"mean of {len(explanations)} fold models"
+            source = f"mean percentile of the {len(explanations)} fold models"
         else:
             return {"available": False}
-        group = str(stats.risk_groups([percentile], self.groups)[0]) if np.isfinite(percentile) else None
-        return {"available": True, "value": value, "percentile": percentile, "group": group, "fold": fold,
-                "source": source, "scheme": self.groups}
+        absolute = absolute_risk(self.recal, self.horizons, self.grid, percentile, fold, fold_percentiles)
+        return {"available": True, "value": value, "percentile": percentile, "fold": fold, "source": source,
+                "scheme": self.groups, **risk_group(percentile, self.groups), "absolute": absolute}
 
-    def _pooled_percentile(self, value: float) -> float:
-        """For models trained before folds stored their percentiles: among the out-of-fold risks."""
-        return float(100 * (self.trained.oof["risk"].to_numpy() < value).mean())
-
-    def _curve(self, pid: str, explanations: list[FoldExplanation], risk: dict) -> dict | None:
-        if not explanations or not risk.get("available"):
-            return None
-        grid = np.linspace(0, self.horizon_max, 120)
-        curves = []
-        for e, f in zip(explanations, self.trained.folds, strict=True):
-            if f.discrete:
-                edges = np.asarray(f.config["bin_edges"], float)
-                s = np.concatenate([[1.0], np.cumprod(1 - e.hazards)])
-                curves.append(s[np.searchsorted(edges, grid, side="right")])
-            elif f.config.get("baseline_survival"):
-                curves.append(survival_at(f.config["baseline_survival"], [e.risk], grid)[0])
-        if not curves:
-            return None
-        curves = np.stack(curves)
-        centre = curves[risk["fold"]] if risk.get("fold") is not None else curves.mean(0)
-        horizons = [h for h in (12.0, 36.0, 60.0) if h <= self.horizon_max]
-        at = [{"time": h, "survival": float(np.interp(h, grid, centre)),
-               "low": float(np.interp(h, grid, curves.min(0))), "high": float(np.interp(h, grid, curves.max(0)))}
-              for h in horizons]
-        return {"time": grid, "survival": centre, "low": curves.min(0), "high": curves.max(0), "at": at,
-                "band": f"range over the {len(curves)} cross-validation fold models"}
-
-    def _slides(self, pid: str, explanations: list[FoldExplanation], n_top: int) -> list[dict]:
-        """Per slide: tile count, heatmap and top tiles (attention averaged over the fold models)."""
-        encoders = self.trained.config["encoder"].split("+")
-        tile_set = self.trained.config["train_config"].get("tile_set", "")
-        attention = np.mean([e.attention for e in explanations], 0) if explanations and \
-            len(explanations[0].attention) else np.zeros(0)
-        out, start = [], 0
-        for s in self.cohort.slides_of(pid).itertuples():
-            info = {"slide_id": s.slide_id, "n_tiles": 0, "failed": self.ledger_failures.get(s.slide_id)}
-            feat_paths = [self.layout.features_h5(e, s.slide_id, tile_set) for e in encoders]
-            feat_path, tiles_path = feat_paths[0], self.layout.tiles_h5(s.slide_id, tile_set)
-            # the bag holds the slides featurised by every encoder, in this order (see load_bags)
-            if all(p.exists() for p in feat_paths) and tiles_path.exists():
-                _, coords, _ = read_features(feat_path)
-                _, attrs = read_coords(tiles_path)
-                n = len(coords)
-                info["n_tiles"] = n
-                if n and len(attention) >= start + n:
-                    att = attention[start:start + n]
-                    pics = slide_pictures(self.cohort.root / s.path, coords, float(attrs["patch_size_level0"]),
-                                          att, n_top, mpp=_slide_mpp(s))
-                    info.update(pics)
-                start += n
-            out.append(info)
-        return out
-
-    def _attributions(self, explanations: list[FoldExplanation], kind: str) -> dict[str, float]:
-        """Mean attribution per input name over the fold models (folds may select different genes)."""
-        totals: dict[str, float] = {}
-        for e, f in zip(explanations, self.trained.folds, strict=True):
-            values = getattr(e, kind)
-            if values is None:
-                continue
-            names = f.prep.genes if kind == "genomics" else _clinical_columns(f.prep)
-            for name, v in zip(names, values, strict=False):
-                totals[name] = totals.get(name, 0.0) + float(v) / len(explanations)
-        return totals
-
-    def _clinical(self, explanations: list[FoldExplanation], i: int) -> list[dict]:
-        """Clinical factors: one-hot columns summed back to their variable, with the patient's value."""
-        per_column = self._attributions(explanations, "clinical")
-        by_variable: dict[str, float] = {}
-        for column, v in per_column.items():
-            var = column.split("=", 1)[0]
-            by_variable[var] = by_variable.get(var, 0.0) + v
-        values = self.bags.clinical.iloc[i] if self.bags.clinical is not None else {}
-        rows = [{"name": var, "value": _display(values.get(var)), "attribution": a} for var, a in by_variable.items()]
-        return _scale(sorted(rows, key=lambda r: -abs(r["attribution"])))
-
-    def _classification(self, pid: str, i: int) -> dict | None:
-        c = self.classifier
-        if c is None:
-            return None
-        classes = c.config.get("classes") or []
-        row = c.oof[c.oof.patient_id == pid] if (c.oof is not None and self.same_run) else pd.DataFrame()
-        if len(row):
-            probs = [float(row[f"prob_{k}"].iloc[0]) for k in classes]
-            source = "out-of-fold"
-        else:
-            feats = self.bags.features[i]
-            if not len(feats) and c.config["model"] not in MULTIMODAL:
-                return None
-            probs = np.mean([explain_patient(f.model, feats, _row(tab, i), False, classify=True).probabilities
-                             for f, tab in zip(c.folds, self.class_tabs, strict=True)], 0).tolist()
-            source = f"mean of {len(c.folds)} fold models"
-        k = int(np.argmax(probs))
-        auc = c.cv.get("auc_mean")
-        return {"model": c.name, "predicted": classes[k], "probability": probs[k], "source": source,
-                "probabilities": dict(zip(classes, probs, strict=True)), "auc_mean": auc, "auc_sd": c.cv.get("auc_sd")}
-
-    def _flags(self, pid: str, i: int, risk: dict, slides: list[dict]) -> list[str]:
-        flags = []
-        if not slides:
-            flags.append("No slide for this patient: the risk rests on genomics and clinical data alone.")
-        for s in slides:
-            if s["failed"]:
-                flags.append(f"Slide {s['slide_id']} failed ({s['failed']}): it is not part of this assessment.")
-            elif s["n_tiles"] == 0:
-                flags.append(f"Slide {s['slide_id']} gave no usable tile (no tissue found or not yet processed).")
-            elif s["n_tiles"] < LITTLE_TISSUE_TILES:
-                flags.append(f"Slide {s['slide_id']} has little tissue: {s['n_tiles']} tiles.")
-        if self.bags.genomics is None or np.isnan(self.bags.genomics[i]).all():
-            flags.append("No genomics: the model used its learned 'missing genomics' input.")
-        if self.bags.clinical is not None:
-            missing = [c for c in self.bags.clinical.columns if pd.isna(self.bags.clinical.iloc[i][c])]
-            if missing:
-                flags.append(f"Missing clinical value(s): {', '.join(missing)} (the training mean was used).")
-        if not risk.get("available"):
-            flags.append("No risk could be computed: this model needs tiles and the patient has none.")
-        elif risk["percentile"] <= 0.5 or risk["percentile"] >= 99.5:
-            flags.append("The risk lies outside the range the model saw in training: read it with caution.")
-        return flags
-
-    def _model_card(self) -> dict:
+    def _model_card(self, fold: int | None) -> dict:
         t = self.trained
         first = t.folds[0].config
-        card = {"name": t.name, "model": first["model"], "encoder": first["encoder"],
-                "config_hash": first.get("config_hash"), "weights": (first.get("weights_sha256") or "")[:12],
-                "folds": len(t.folds), "n_patients": t.cv.get("n_patients"), "n_events": t.cv.get("n_events"),
-                "c_index_mean": t.cv.get("c_index_mean"), "c_index_sd": t.cv.get("c_index_sd"),
+        return {"name": t.name, "model": first["model"], "encoder": first["encoder"],
+                "loss": first.get("loss") or t.cv.get("loss"), "config_hash": first.get("config_hash"),
+                "weights": (t.folds[fold if fold is not None else 0].config.get("weights_sha256") or "")[:12],
+                "folds": len(t.folds), "fold_table": (t.cv.get("fold_table") or {}).get("fingerprint"),
                 "trained": dt.datetime.fromtimestamp((t.directory / "fold-0" / "model.safetensors").stat().st_mtime)
                 .strftime("%Y-%m-%d")}
-        a = self.analysis
-        if a:
-            card.update(harrell_c=a.get("harrell_c"), harrell_c_ci=a.get("harrell_c_ci"), uno_c=a.get("uno_c"),
-                        td_auc_mean=a.get("td_auc_mean"), ibs=a.get("integrated_brier_score"))
-        return card
 
 
-def _slide_mpp(row) -> float | None:
-    """The cohort's per-slide mpp hint (optional `mpp` column of slides.csv)."""
-    value = getattr(row, "mpp", None)
-    return float(value) if value is not None and pd.notna(value) else None
+def _training_summary(trained: TrainedModel, oof: OutOfFold, recal: Recalibration, horizons: list[float],
+                      layout: RunLayout) -> dict:
+    """The training cohort (n, events, follow-up) and fold-honest validation: C with its CI, td-AUC,
+    and the calibration of the recalibrated absolute risks at the report's horizons."""
+    preds = oof.preds
+    time, event = preds["time"].to_numpy(float), preds["event"].to_numpy(int)
+    c = fold_mean_c(oof, n_boot=500)
+    absolute = cross_fitted_risk(oof, recal)
+    calibration = [stats.calibration_at(time, event, absolute[:, recal.horizons.index(h)], h) for h in horizons]
+    analysis = {}
+    path = trained.directory.parent.parent / "analysis" / "metrics.json"
+    if path.exists():
+        analysis = next((m for m in json.loads(path.read_text())["models"] if m["model"] == trained.name), {})
+    return {"n": len(preds), "events": int(event.sum()), "follow_up": median_follow_up(time, event),
+            "c": c["c_index_mean"], "c_ci": c["c_index_ci"], "c_sd": c["c_index_sd"], "folds": len(oof.folds),
+            "td_auc": analysis.get("td_auc_mean"), "calibration": calibration, "recal_n": recal.n,
+            "gamma": recal.gamma}
+
+
+def _ledger_failures(layout: RunLayout) -> dict[str, str]:
+    """Slides whose last recorded step failed, with the reason."""
+    failures = {}
+    for e in layout.ledger.entries():
+        if e.get("status") == "failed":
+            failures[e["item"]] = f"{e['step']}: {e.get('error', 'failed')}"
+        elif e.get("status") == "done":
+            failures.pop(e["item"], None)
+    return failures
 
 
 def _row(tab: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
     return {k: v[i] for k, v in tab.items()}
 
 
-def _average_clinical(prep: Preprocessor) -> np.ndarray:
-    """The training fold's average patient in preprocessed clinical columns: 0 for z-scored numbers,
-    each category's share for one-hot columns (zeros for models saved before shares were stored)."""
-    shares = [prep.category_freq.get(col) or [0.0] * len(cats) for col, cats in prep.categories.items()]
-    return np.concatenate([np.zeros(len(prep.numeric)), *map(np.asarray, shares)]).astype(np.float32)
-
-
-def _clinical_columns(prep: Preprocessor) -> list[str]:
-    """Names of the preprocessed clinical columns, in `Preprocessor.transform` order."""
-    return list(prep.numeric) + [f"{col}={c}" for col, cats in prep.categories.items() for c in cats]
-
-
-def _display(value) -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return "missing"
-    return str(value)
-
-
-def _top(attributions: dict[str, float], n: int) -> list[dict]:
-    rows = [{"name": k, "attribution": v} for k, v in attributions.items()]
-    rows.sort(key=lambda r: -abs(r["attribution"]))
-    return _scale(rows[:n])
-
-
-def _scale(rows: list[dict]) -> list[dict]:
-    """Bar widths (percent of the largest |attribution|) for the HTML bars."""
-    top = max((abs(r["attribution"]) for r in rows), default=0.0) or 1.0
-    return [{**r, "width": 100 * abs(r["attribution"]) / top} for r in rows]
-
-
-__all__ = ["write_reports", "load_trained", "ReportContext"]
+__all__ = ["write_reports", "load_trained", "ReportContext", "TrainedModel"]

@@ -73,15 +73,47 @@ def km_figure(km: dict, time_unit: str, title: str = "", patient: dict | None = 
     return fig
 
 
-def calibration_figure(table: pd.DataFrame, horizon: float, time_unit: str):
-    fig, ax = plt.subplots(figsize=(3.4, 3.2))
-    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-    err = np.abs(table[["observed_low", "observed_high"]].to_numpy().T - table["observed"].to_numpy())
-    ax.errorbar(table["predicted"], table["observed"], yerr=err, fmt="o", color="#333", capsize=3)
-    ax.set_xlabel(f"predicted survival at {horizon:g} {time_unit}")
-    ax.set_ylabel("observed (Kaplan-Meier)")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
+def calibration_figure(calibrations: dict[str, list[dict]], time_unit: str):
+    """Observed (Kaplan-Meier, 95% CI) against predicted risk of the event by each horizon, one panel
+    per horizon, one series per kind of prediction (e.g. the fold models' own, recalibrated)."""
+    horizons = [c["horizon"] for c in next(iter(calibrations.values()))]
+    fig, axes = plt.subplots(1, len(horizons), figsize=(3.1 * len(horizons), 3.2), squeeze=False)
+    colours = ["#2b8cbe", "#d7301f", "#333333"]
+    top = max([g["observed_high"] for cal in calibrations.values() for c in cal for g in c["groups"]] +
+              [g["predicted"] for cal in calibrations.values() for c in cal for g in c["groups"]] + [0.1])
+    top = min(1.0, top * 1.1)
+    for ax, j in zip(axes[0], range(len(horizons)), strict=True):
+        ax.plot([0, top], [0, top], color="grey", lw=0.8, ls="--")
+        for (name, cal), colour in zip(calibrations.items(), colours, strict=False):
+            c = cal[j]
+            g = pd.DataFrame(c["groups"])
+            if not len(g):
+                continue
+            err = np.abs(g[["observed_low", "observed_high"]].to_numpy().T - g["observed"].to_numpy())
+            slope = f", slope {c['slope']:.2f}" if "slope" in c else ""
+            ax.errorbar(g["predicted"], g["observed"], yerr=err, fmt="o-", ms=4, lw=0.8, color=colour, capsize=2,
+                        label=f"{name} (O/E {c['o_e']:.2f}{slope})")
+        ax.set_title(f"by {horizons[j]:g} {time_unit}", fontsize=9)
+        ax.set_xlabel("predicted risk of the event")
+        ax.set_xlim(0, top)
+        ax.set_ylim(0, top)
+        ax.legend(frameon=False, fontsize=6.5, loc="upper left")
+    axes[0][0].set_ylabel("observed risk (Kaplan-Meier)")
+    return fig
+
+
+def decision_curve_figure(curve: pd.DataFrame, horizon: float, time_unit: str, title: str = ""):
+    """Net benefit of the model against treating everyone and no one, by threshold risk."""
+    fig, ax = plt.subplots(figsize=(4.2, 3.0))
+    ax.plot(curve["threshold"], curve["model"], color="#d7301f", lw=1.6, label="act on the model's high risk")
+    ax.plot(curve["threshold"], curve["treat_all"], color="#333", lw=1.0, ls="--", label="act on everyone")
+    ax.axhline(0, color="grey", lw=0.8, label="act on no one")
+    top = max(curve["model"].max(), curve["treat_all"].max(), 0.01)
+    ax.set_ylim(-0.1 * top, 1.15 * top)
+    ax.set_xlabel(f"threshold risk of the event by {horizon:g} {time_unit}")
+    ax.set_ylabel("net benefit")
+    ax.set_title(title, fontsize=9)
+    ax.legend(frameon=False, fontsize=7)
     return fig
 
 

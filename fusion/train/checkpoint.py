@@ -39,3 +39,45 @@ def load_checkpoint(folder: str | Path, device: str = "cpu") -> tuple[nn.Module,
     model = create_model(config["model"], **config["model_kwargs"])
     model.load_state_dict(load_file(str(folder / WEIGHTS), device=device))
     return model.eval(), config
+
+
+def fold_dirs(model_dir: str | Path) -> list[Path]:
+    """The fold folders of a cross-validated model in fold order (fold-2 before fold-10), checked
+    against the training manifest (`cv_metrics.json`): exactly folds 0..k-1, each trained with the
+    manifest's config and fold table. A missing, extra or foreign fold would silently change every
+    patient's percentile and risk group, so any mismatch is refused with what is wrong."""
+    from fusion.errors import RunError
+
+    model_dir = Path(model_dir)
+    found: dict[int, Path] = {}
+    for path in model_dir.glob("fold-*"):
+        if not (path / WEIGHTS).exists():
+            continue
+        number = path.name[len("fold-"):]
+        if not number.isdigit():
+            raise RunError(f"{path} is not a fold folder (expected fold-<number>); move it out of {model_dir}")
+        found[int(number)] = path
+    if not found:
+        raise RunError(f"no fold checkpoints (fold-*/{WEIGHTS}) in {model_dir}; baselines keep no weights, "
+                       "so scoring needs a trained network (e.g. `fusion train RUN --model biofusion`)")
+    manifest_path = model_dir / "cv_metrics.json"
+    if not manifest_path.exists():
+        raise RunError(f"{manifest_path} is missing: the model's training did not finish; train it again")
+    manifest = json.loads(manifest_path.read_text())
+    k = int(manifest.get("folds") or len(found))
+    missing = sorted(set(range(k)) - set(found))
+    extra = sorted(set(found) - set(range(k)))
+    if missing or extra:
+        parts = ([f"missing fold(s) {', '.join(map(str, missing))}"] if missing else []) + \
+                ([f"unexpected fold(s) {', '.join(map(str, extra))}"] if extra else [])
+        raise RunError(f"{model_dir} was trained with {k} folds but has {'; '.join(parts)}: "
+                       "refusing to score with an incomplete or mixed set of fold models; retrain the model")
+    table = (manifest.get("fold_table") or {}).get("fingerprint")
+    for _, path in sorted(found.items()):
+        config = json.loads((path / CONFIG).read_text())
+        if manifest.get("config_hash") and config.get("config_hash") != manifest["config_hash"]:
+            raise RunError(f"{path} was trained with another configuration than {manifest_path} records "
+                           f"({config.get('config_hash')} vs {manifest['config_hash']}); retrain the model")
+        if table and config.get("fold_table") not in (None, table):
+            raise RunError(f"{path} was trained on another fold table than {manifest_path} records; retrain the model")
+    return [found[i] for i in range(k)]

@@ -32,6 +32,7 @@ class Bags:
     tab: dict[str, np.ndarray] = field(default_factory=dict)  # preprocessed, per patient (see Preprocessor)
     label: np.ndarray | None = None  # [P] class index (classification), -1 where unknown
     classes: list[str] = field(default_factory=list)
+    time_unit: str = "months"  # the cohort's time unit (horizons are round numbers in it)
     coords: list[np.ndarray] = field(default_factory=list)  # each [N_i, 2] tile centres in um (see load_bags)
     encoder_dims: list[int] = field(default_factory=list)  # width of each encoder's part of a feature row
     # Extra tile sets (other magnifications of the same slides): per set, per patient [M_i, D'] and [M_i, 2].
@@ -159,13 +160,41 @@ def load_bags(layout: RunLayout, cohort: Cohort, encoder: str, tile_set: str = "
     label, classes = None, []
     if cohort.spec.label:
         values = pts[cohort.spec.label]
-        classes = sorted(cohort.patients[cohort.spec.label].dropna().astype(str).unique().tolist())
+        classes = sorted_levels(cohort.patients[cohort.spec.label].dropna().astype(str).unique().tolist())
         label = np.array([classes.index(str(v)) if pd.notna(v) else -1 for v in values], dtype=int)
     bags = Bags(ids, feats, pts[cohort.spec.outcome.time].to_numpy(float),
                 pts[cohort.spec.outcome.event].to_numpy().astype(bool), genomics, genes, clinical,
-                dict(cohort.spec.clinical), label=label, classes=classes, coords=coords, encoder_dims=enc_dims,
-                scale_features=scale_features, scale_coords=scale_coords)
+                dict(cohort.spec.clinical), label=label, classes=classes, time_unit=cohort.spec.time_unit,
+                coords=coords, encoder_dims=enc_dims, scale_features=scale_features, scale_coords=scale_coords)
     return bags, missing
+
+
+def canonical_level(value) -> str | None:
+    """One spelling per category level: "1", "1.0", 1 and " 1 " are "1"; "Positive " is "positive".
+    Missing values (None, NaN, blank) are None."""
+    if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
+        return None
+    if isinstance(value, bool | np.bool_):
+        return str(bool(value)).lower()
+    text = str(value).strip()
+    if not text or text.lower() in ("nan", "none", "na", "<na>"):
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        return text.casefold()
+    if np.isfinite(number) and number == int(number):
+        return str(int(number))
+    return f"{number:g}"
+
+
+def sorted_levels(levels) -> list[str]:
+    """Category levels in their natural order: numbers as numbers ("2" before "10"), else text."""
+    levels = sorted(set(levels))
+    try:
+        return sorted(levels, key=float)
+    except ValueError:
+        return levels
 
 
 @dataclass
@@ -175,7 +204,10 @@ class Preprocessor:
     Genomics: the `max_genes` most variable genes of the training fold, z-scored with its means and
     standard deviations; a patient without genomics gets zeros and `genomics_mask = False`.
     Clinical: numeric columns z-scored (missing -> the training mean, i.e. 0); categorical columns
-    one-hot over the training fold's categories (unseen or missing -> all zeros).
+    one-hot over the training fold's levels, spelled canonically (`canonical_level`). A missing value,
+    or a level the training fold never had, is encoded as the training fold's mix of levels (each
+    column its share: the expectation of the one-hot code), never as "no level at all" (zeros);
+    `unseen_levels` lists such values so that a report can say so.
     """
 
     max_genes: int = 256
@@ -205,9 +237,10 @@ class Preprocessor:
                     v = pd.to_numeric(values, errors="coerce")
                     self.numeric[col] = (float(v.mean()), float(max(v.std(), 1e-6)))
                 else:
-                    self.categories[col] = sorted(values.dropna().astype(str).unique().tolist())
-                    as_text = values.astype(str).where(values.notna())
-                    self.category_freq[col] = [float((as_text == c).mean()) for c in self.categories[col]]
+                    levels = [canonical_level(v) for v in values]
+                    known = [v for v in levels if v is not None]
+                    self.categories[col] = sorted_levels(known)
+                    self.category_freq[col] = [known.count(c) / max(1, len(known)) for c in self.categories[col]]
         return self
 
     @property
@@ -241,10 +274,23 @@ class Preprocessor:
             v = pd.to_numeric(bags.clinical[col], errors="coerce").to_numpy(float)
             cols.append(np.nan_to_num((v - mean) / std, nan=0.0)[:, None])
         for col, cats in self.categories.items():
-            v = bags.clinical[col].astype(str).to_numpy()
-            cols.append(np.stack([v == c for c in cats], 1).astype(np.float32))
+            levels = [canonical_level(v) for v in bags.clinical[col]]
+            onehot = np.array([[lv == c for c in cats] for lv in levels], np.float32).reshape(n, len(cats))
+            unknown = ~onehot.any(1)  # missing, or a level the training fold never had
+            shares = np.asarray(self.category_freq.get(col) or [0.0] * len(cats), np.float32)
+            onehot[unknown] = shares
+            cols.append(onehot)
         out["clinical"] = np.concatenate(cols, 1).astype(np.float32) if cols else np.zeros((n, 0), np.float32)
         return out
+
+    def unseen_levels(self, clinical_row: pd.Series) -> list[tuple[str, str]]:
+        """(column, value) of the row's categorical values that the training fold never had."""
+        found = []
+        for col, cats in self.categories.items():
+            level = canonical_level(clinical_row.get(col))
+            if level is not None and level not in cats:
+                found.append((col, str(clinical_row.get(col)).strip()))
+        return found
 
     @classmethod
     def from_state(cls, state: dict) -> Preprocessor:
@@ -293,7 +339,7 @@ def collate(bags: list[np.ndarray], max_tiles: int | None, rng: np.random.Genera
     return _pad(chosen, chosen[0].shape[1])
 
 
-def model_inputs(bags: Bags, idx, device: torch.device, max_tiles: int | None = None,
+def batch_inputs(bags: Bags, idx, device: torch.device, max_tiles: int | None = None,
                  rng: np.random.Generator | None = None) -> dict:
     """Everything a model reads for patients `idx` (indices or a slice), padded, on `device`:
     features, mask, coords (when known), extra tile sets, genomics and clinical data.

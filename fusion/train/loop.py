@@ -16,20 +16,18 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from fusion.errors import RunError
 from fusion.features.extract import pick_device
 from fusion.models import create_model
 from fusion.storage import hash_config, write_json, write_table
-from fusion.survival import (
-    concordance,
-    cox_loss,
-    discrete_time_bins,
-    efron_cox_loss,
-    nll_survival_loss,
-    weighted_cox_loss,
-)
+from fusion.survival import concordance, cox_loss, discrete_time_bins, nll_survival_loss
+from fusion.survival.horizons import nice_horizons, surv_column
+from fusion.survival.losses import SURVIVAL_LOSSES, hazards_from_logits, ipcw_event_weights
 from fusion.train.checkpoint import CONFIG, WEIGHTS, save_checkpoint
-from fusion.train.data import Bags, Preprocessor, feature_moments, model_inputs
-from fusion.train.splits import cv_folds, inner_split
+from fusion.train.data import Bags, Preprocessor, batch_inputs, feature_moments
+from fusion.train.folds import FoldTable, make_fold_table
+from fusion.train.reference import fit_reference
+from fusion.train.splits import inner_split
 
 
 @dataclass(frozen=True)
@@ -50,7 +48,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     task: str = "survival"  # survival | classification (the cohort's `label` column)
-    loss: str = "auto"  # cox | weighted_cox | efron | nll; auto: weighted_cox for biofusion, else cox
+    loss: str = "auto"  # cox | efron | weighted_cox | nll; auto: weighted_cox for biofusion, else cox
     n_bins: int = 4  # discrete-time bins for loss="nll" (quantiles of the training fold's event times)
     max_genes: int = 256  # most variable genes of the training fold kept for fusion models
     model_options: dict = field(default_factory=dict)  # the model's own settings (see fusion.models.registry)
@@ -79,8 +77,8 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         if self.task not in ("survival", "classification"):
             raise ValueError(f"task must be 'survival' or 'classification', got '{self.task}'")
-        if self.loss not in LOSSES and self.loss not in ("auto", "nll"):
-            raise ValueError(f"loss must be one of auto, nll, {', '.join(LOSSES)}; got '{self.loss}'")
+        if self.loss not in SURVIVAL_LOSSES and self.loss not in ("auto", "nll"):
+            raise ValueError(f"loss must be one of auto, nll, {', '.join(SURVIVAL_LOSSES)}; got '{self.loss}'")
 
     @property
     def discrete(self) -> bool:
@@ -88,14 +86,26 @@ class TrainConfig:
         return self.loss == "nll" and self.task == "survival"
 
     @property
+    def loss_name(self) -> str:
+        """The Cox-type loss on the risk (BioFusionNet's censoring-weighted Cox for `biofusion`)."""
+        if self.loss == "auto":
+            return "weighted_cox" if self.model == "biofusion" else "cox"
+        return "cox" if self.loss == "nll" else self.loss
+
+    @property
     def loss_fn(self):
-        return LOSSES["weighted_cox" if self.loss == "auto" and self.model == "biofusion" else
-                      "cox" if self.loss in ("auto", "nll") else self.loss]
-
-
-LOSSES = {"cox": cox_loss, "weighted_cox": weighted_cox_loss, "efron": efron_cox_loss}
+        return SURVIVAL_LOSSES[self.loss_name]
 MULTIMODAL = {"coattn", "biofusion", "genomics_snn"}  # models that read genomics and clinical data
 MULTISCALE = {"biofusion"}  # models that read extra tile sets (other magnifications)
+# What each model and baseline reads: the reports derive every sentence about inputs from this.
+MODEL_INPUTS = {"abmil": ("tiles",), "acmil": ("tiles",), "coattn": ("tiles", "genomics", "clinical"),
+                "biofusion": ("tiles", "genomics", "clinical"), "genomics_snn": ("genomics", "clinical"),
+                "clinical_cox": ("clinical",), "coxnet": ("genomics", "clinical"), "rsf": ("genomics", "clinical")}
+
+
+def model_inputs(name: str) -> tuple[str, ...]:
+    """The modalities model `name` reads (tiles, genomics, clinical)."""
+    return MODEL_INPUTS.get(name, ("tiles", "genomics", "clinical") if name in MULTIMODAL else ("tiles",))
 
 
 def _seed_everything(seed: int) -> np.random.Generator:
@@ -107,15 +117,15 @@ def _seed_everything(seed: int) -> np.random.Generator:
 def predict_risk(model: torch.nn.Module, bags: Bags, device: torch.device, batch_size: int = 8,
                  hazards: bool = False) -> np.ndarray:
     """Risk [P] (survival) or class probabilities [P, C] (classification) for every bag, all tiles used.
-    With `hazards`, the model's logits are discrete-time hazards: returns their sigmoid [P, K]."""
+    With `hazards`, the model's logits are discrete-time hazards: returns the hazards [P, K]."""
     model.eval()
     out = []
     for start in range(0, len(bags), batch_size):
-        inputs = model_inputs(bags, slice(start, start + batch_size), device)
+        inputs = batch_inputs(bags, slice(start, start + batch_size), device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             result = model(**inputs)
         if hazards:
-            out.append(torch.sigmoid(result["logits"].float()).cpu().numpy())
+            out.append(hazards_from_logits(result["logits"]).cpu().numpy())
         elif "risk" in result:
             out.append(result["risk"].float().cpu().numpy())
         else:
@@ -150,7 +160,7 @@ def _set_dim(per_patient: list[np.ndarray], default: int) -> int:
 
 
 def _loss(out: dict, time: torch.Tensor, event: torch.Tensor, label: torch.Tensor, loss_fn,
-          edges: torch.Tensor | None = None) -> torch.Tensor:
+          edges: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
     """The task's criterion on the model's output, plus its auxiliary loss; ACMIL's branches are each
     trained on the same target and their mean loss is added."""
     if edges is not None:  # discrete-time survival
@@ -159,7 +169,8 @@ def _loss(out: dict, time: torch.Tensor, event: torch.Tensor, label: torch.Tenso
     elif "logits" in out:  # classification
         criterion, main, branches = (lambda o: F.cross_entropy(o, label)), out["logits"], out.get("branch_outputs")
     else:
-        criterion, main, branches = (lambda r: loss_fn(r, time, event)), out["risk"], out.get("branch_risk")
+        criterion, main, branches = (lambda r: loss_fn(r, time, event, weight=weight)), out["risk"], \
+            out.get("branch_risk")
     loss = criterion(main) + out.get("aux_loss", 0.0)
     if branches is not None:
         loss = loss + sum(criterion(branches[:, m]) for m in range(branches.shape[1])) / branches.shape[1]
@@ -184,21 +195,26 @@ def fit(bags: Bags, val: Bags, config: TrainConfig, seed: int,
     event_t = torch.as_tensor(bags.event, dtype=torch.float32)
     classify = config.task == "classification"
     label_t = torch.as_tensor(bags.label if classify else np.zeros(len(bags), int), dtype=torch.long)
+    # Censoring weights of the event terms, from the whole training set (not each batch's few patients).
+    weight_t = torch.as_tensor(ipcw_event_weights(bags.time, bags.event), dtype=torch.float32) \
+        if not classify and edges is None and config.loss_name == "weighted_cox" else None
+    strata = bags.label if classify else bags.event
 
     best, best_state, history, stale = (-np.inf, np.inf), None, [], 0
     for epoch in range(config.epochs):
         model.train()
-        order = rng.permutation(len(bags))
+        order = stratified_order(strata, rng)
         losses = []
         for start in range(0, len(order), config.batch_size):
             idx = order[start : start + config.batch_size]
             if len(idx) < 2 or (not classify and not bags.event[idx].any()):
                 continue  # no risk set to learn from
-            inputs = model_inputs(bags, idx, device, config.max_tiles, rng)
+            inputs = batch_inputs(bags, idx, device, config.max_tiles, rng)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 out = model(**inputs)
             loss = _loss(out, time_t[idx].to(device), event_t[idx].to(device), label_t[idx].to(device),
-                         config.loss_fn, None if edges is None else edges.to(device))
+                         config.loss_fn, None if edges is None else edges.to(device),
+                         None if weight_t is None else weight_t[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -231,11 +247,22 @@ def fit(bags: Bags, val: Bags, config: TrainConfig, seed: int,
     return model.eval(), history
 
 
-def survival_horizons(bags: Bags) -> list[float]:
-    """Times at which predicted survival is reported: deciles 1-9 of the observed event times (enough
-    points for an integrated Brier score; the median event time is the calibration horizon)."""
-    times = bags.time[bags.event] if bags.event.any() else bags.time
-    return sorted({float(np.round(q, 1)) for q in np.quantile(times, np.arange(1, 10) / 10)})
+def stratified_order(strata: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random order of patients in which every stretch holds each stratum (events and censored
+    patients, or classes) in its cohort proportion, so that every batch of a Cox loss has its share
+    of the rare events: each patient's key is (its rank in a shuffled stratum + U(0,1)) / stratum size."""
+    strata = np.asarray(strata)
+    key = np.empty(len(strata))
+    for value in np.unique(strata):
+        members = np.flatnonzero(strata == value)
+        key[rng.permutation(members)] = (np.arange(len(members)) + rng.random(len(members))) / len(members)
+    return np.argsort(key, kind="stable")
+
+
+def survival_horizons(train: Bags) -> list[float]:
+    """Round horizons (in the cohort's time unit) at which predicted survival is reported, chosen from
+    the training patients' event times only (see `fusion.survival.horizons`)."""
+    return nice_horizons(train.time, train.event, train.time_unit)
 
 
 def hazard_risk(hazards: np.ndarray) -> np.ndarray:
@@ -299,16 +326,20 @@ def finished_fold(fold_dir: Path, fold_hash: str) -> tuple[dict, pd.DataFrame] |
 
 
 def _train_fold(bags: Bags, config: TrainConfig, k: int, train_idx: np.ndarray, test_idx: np.ndarray,
-                fold_dir: Path, horizons: list[float], device: torch.device, on_epoch, hashes: dict
-                ) -> tuple[dict, pd.DataFrame]:
-    """Train fold `k` and write its checkpoint, predictions and (last) metrics; returns (metrics, predictions)."""
+                fold_dir: Path, device: torch.device, on_epoch, hashes: dict) -> tuple[dict, pd.DataFrame]:
+    """Train fold `k` and write its checkpoint, predictions and (last) metrics; returns (metrics, predictions).
+
+    Everything fitted here comes from the training patients of the fold: preprocessing, the inner
+    early-stopping split, discrete-time bins, the survival horizons, the Breslow baseline and the
+    risk percentiles that place a test patient in a risk group.
+    """
     classify = config.task == "classification"
     metric = "auc" if classify else "c_index"
-    # Scaling, imputation and gene selection are fitted on the training fold only.
     prep = Preprocessor(config.max_genes).fit(bags.subset(train_idx))
     fold_bags = dataclasses.replace(bags, tab=prep.transform(bags))  # the caller's bags stay untouched
     train, test = fold_bags.subset(train_idx), fold_bags.subset(test_idx)
     fit_idx, val_idx = inner_split(train.label if classify else train.event, config.val_fraction, config.seed + k)
+    horizons = [] if classify else survival_horizons(train)
     edges, baseline = None, None
     if config.discrete:  # bins at the quantiles of the training fold's event times (MCAT)
         edges = discrete_time_bins(torch.as_tensor(train.time), torch.as_tensor(train.event), config.n_bins)
@@ -323,31 +354,32 @@ def _train_fold(bags: Bags, config: TrainConfig, k: int, train_idx: np.ndarray, 
         for c, name in enumerate(bags.classes):
             preds[f"prob_{name}"] = out[:, c]
         preds["predicted"] = [bags.classes[i] for i in out.argmax(1)]
-    elif edges is not None:
-        preds["risk"] = hazard_risk(out)
-        train_risk = hazard_risk(predict_risk(model, train, device, hazards=True))
-        score = concordance(test.time, test.event, preds["risk"].to_numpy())
-        curves = discrete_curves(out, edges.numpy(), horizons)
-        for j, h in enumerate(horizons):
-            preds[f"surv_{h:g}"] = curves[:, j]
     else:
-        score = concordance(test.time, test.event, out)
-        preds["risk"] = out
-        train_risk = predict_risk(model, train, device)
-        baseline = baseline_survival(train_risk, train)
-        curves = survival_at(baseline, out, horizons)
+        if edges is not None:
+            preds["risk"] = hazard_risk(out)
+            train_risk = hazard_risk(predict_risk(model, train, device, hazards=True))
+            curves = discrete_curves(out, edges.numpy(), horizons)
+        else:
+            preds["risk"] = out
+            train_risk = predict_risk(model, train, device)
+            baseline = baseline_survival(train_risk, train)
+            curves = survival_at(baseline, out, horizons)
+        score = concordance(test.time, test.event, preds["risk"].to_numpy())
         for j, h in enumerate(horizons):
-            preds[f"surv_{h:g}"] = curves[:, j]
+            preds[surv_column(h)] = curves[:, j]
     save_checkpoint(model.cpu(), config.model, model_kwargs(config, bags, prep),
                     fold_dir, extra={"train_config": asdict(config), **hashes, "fold": k,
                                      "encoder": config.encoder, "preprocessor": prep.state(),
-                                     "classes": bags.classes, "horizons": horizons,
+                                     "classes": bags.classes, "horizons": horizons, "loss": config.loss_name,
                                      "bin_edges": None if edges is None else edges[1:-1].tolist(),
-                                     "baseline_survival": baseline})
+                                     "baseline_survival": baseline,
+                                     "reference": fit_reference(train.clinical, train.clinical_types,
+                                                                train.tab["genomics"] if prep.genes else None,
+                                                                train.tab["genomics_mask"], train.features)})
     model.to(device)
     val_key = "val_auc" if classify else "val_c_index"
     metrics = {"fold": k, metric: score, "n_test": len(test), "n_test_events": int(test.event.sum()),
-               "n_train": len(fit_idx), "n_val": len(val_idx),
+               "n_train": len(fit_idx), "n_val": len(val_idx), "horizons": horizons,
                "best_epoch": int(np.argmax([np.nan_to_num(h[val_key], nan=0.5) for h in history])),
                "history": history, "inputs_hash": hashes["inputs_hash"]}
     if not classify:
@@ -358,16 +390,17 @@ def _train_fold(bags: Bags, config: TrainConfig, k: int, train_idx: np.ndarray, 
 
 
 def cross_validate(bags: Bags, config: TrainConfig, out_dir: str | Path,
-                   on_epoch: Callable[[int, int, dict], None] | None = None) -> dict:
-    """Patient-level k-fold CV; per fold writes model, config, metrics and predictions.
+                   on_epoch: Callable[[int, int, dict], None] | None = None, folds: FoldTable | None = None) -> dict:
+    """Patient-level k-fold CV on the run's fold table; per fold writes model, config, metrics and predictions.
 
-    Survival: folds stratified by event; predictions hold the risk and the survival probability at
-    the quartiles of the event times (Breslow baseline of the training fold). Classification:
-    folds stratified by label; predictions hold every class probability. Returns the CV summary
-    (also written to `out_dir/cv_metrics.json`).
+    `folds` is the run's fold table (`fusion.train.folds`): every model of a run uses it. Without one
+    (a notebook, a test), a table is made from these bags with `config.folds` and `config.seed`.
+    Survival: predictions hold the risk and the survival probability at the fold's horizons
+    (Breslow baseline of the training fold). Classification: every class probability. Returns the
+    CV summary (also written to `out_dir/cv_metrics.json`).
 
-    Resumable at fold level: a fold whose artifacts were made from the same config and data (the
-    `inputs_hash` stored in its `metrics.json` and `config.json`) is read back, not trained again.
+    Resumable at fold level: a fold whose artifacts were made from the same config, data and folds
+    (the `inputs_hash` stored in its `metrics.json` and `config.json`) is read back, not trained again.
     """
     out_dir = Path(out_dir)
     device = pick_device(config.device)
@@ -375,36 +408,44 @@ def cross_validate(bags: Bags, config: TrainConfig, out_dir: str | Path,
     if classify:
         if bags.label is None:
             raise ValueError("the cohort has no `label` column in cohort.yaml: cannot train a classifier")
-        known = bags.label >= 0
-        bags = bags.subset(np.flatnonzero(known))
-    strata = bags.label if classify else bags.event
-    folds = cv_folds(strata, config.folds, config.seed)
-    horizons = survival_horizons(bags)
+        bags = bags.subset(np.flatnonzero(bags.label >= 0))
+    if folds is None:
+        folds = make_fold_table(bags.ids, bags.event, config.folds, config.seed)
+    check_fold_table(folds, config)
     fold_metrics, all_preds = [], []
     config_hash = hash_config(asdict(config))
     data_hash = bags.fingerprint()
     metric = "auc" if classify else "c_index"
-    for k, (train_idx, test_idx) in enumerate(folds):
+    for k, (train_idx, test_idx) in enumerate(folds.splits(bags.ids)):
         fold_dir = out_dir / f"fold-{k}"
         # What this fold's artifacts are a function of: a finished fold with the same hash is reused.
-        fold_hash = hash_config({"config": config_hash, "data": data_hash, "fold": k,
-                                 "test": [bags.ids[i] for i in test_idx]})
+        fold_hash = hash_config({"config": config_hash, "data": data_hash, "fold": k, "folds": folds.fingerprint})
         finished = finished_fold(fold_dir, fold_hash)
         if finished is None:
-            finished = _train_fold(bags, config, k, train_idx, test_idx, fold_dir, horizons, device, on_epoch,
-                                   {"config_hash": config_hash, "inputs_hash": fold_hash})
+            finished = _train_fold(bags, config, k, train_idx, test_idx, fold_dir, device, on_epoch,
+                                   {"config_hash": config_hash, "inputs_hash": fold_hash,
+                                    "fold_table": folds.fingerprint})
         fold_metrics.append(finished[0])
         all_preds.append(finished[1])
 
     scores = np.array([m[metric] for m in fold_metrics], float)
-    summary = {"model": config.model, "task": config.task, "encoder": config.encoder, "folds": config.folds,
+    summary = {"model": config.model, "task": config.task, "encoder": config.encoder, "folds": folds.k,
                f"{metric}_mean": float(np.nanmean(scores)), f"{metric}_sd": float(np.nanstd(scores, ddof=1)),
                f"{metric}_folds": scores.tolist(), "n_patients": len(bags),
-               "n_events": int(bags.event.sum()), "config": asdict(config), "config_hash": config_hash}
+               "n_events": int(bags.event.sum()), "config": asdict(config), "config_hash": config_hash,
+               "fold_table": folds.describe(), "loss": None if classify else config.loss_name}
     if classify:
         summary["classes"] = bags.classes
     else:
-        summary["horizons"] = horizons
+        summary["horizons"] = [m.get("horizons", []) for m in fold_metrics]
     write_json(out_dir / "cv_metrics.json", summary)
     write_table(out_dir / "predictions.parquet", pd.concat(all_preds))
     return summary
+
+
+def check_fold_table(folds: FoldTable, config: TrainConfig) -> None:
+    """Refuse a config whose number of folds or seed differs from the table it would be trained on."""
+    if (folds.k, folds.seed) != (config.folds, config.seed):
+        raise RunError(f"the run's fold table has {folds.k} folds with seed {folds.seed}; this model asks for "
+                       f"{config.folds} folds with seed {config.seed}. Every model of a run uses the same folds: "
+                       f"set folds={folds.k}, seed={folds.seed}, or start a new run")
