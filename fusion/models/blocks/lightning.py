@@ -15,9 +15,9 @@ g_h = sigmoid(gamma_h) for the own block (0.5 at start): local context keeps its
 large the bag (one normaliser over both would give a block of 64 a share of 64/N of the attention).
 A part that is empty gets no share, so a bag that fits in one block gets exactly softmax attention.
 
-Cost per head: O(N (block + d) d) time. Memory: blocks are processed in chunks of `chunk` tiles;
-when training on more than one chunk, each chunk is recomputed in the backward pass
-(`torch.utils.checkpoint`), so activation memory is that of the inputs and outputs plus one chunk.
+Cost per head: O(N (block + d) d) time. Memory: the q/k/v projection of a large bag is kept
+(3 x [N, D]); the rest runs in chunks of `chunk` tiles and, in training, is recomputed chunk by
+chunk in the backward pass (`torch.utils.checkpoint`): one chunk's intermediates at a time.
 The attention arithmetic runs in float32 even under bf16 autocast (the global state subtracts
 large sums).
 """
@@ -117,32 +117,37 @@ class LightningAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x [B, N, D] in the order to block (see `spatial_order`), mask [B, N] -> [B, N, D]."""
         n = x.shape[1]
-        # Split views (not slices): their backward is one concatenation, not a full-size grad per
-        # chunk. Only the last piece is padded to whole blocks.
-        xs, ms = list(x.split(self.chunk, 1)), list(mask.split(self.chunk, 1))
-        pad = (-xs[-1].shape[1]) % self.block
+        if n <= self.chunk:  # one chunk: nothing to recompute
+            pad = (-n) % self.block
+            xp, mp = (F.pad(x, (0, 0, 0, pad)), F.pad(mask, (0, pad), value=False)) if pad else (x, mask)
+            q, k, v, keep = self._heads(self.qkv(xp), mp)
+            return self._attend(q, k, v, keep, *self._state(k, v, keep, mp), x.dtype)[:, :n]
+        # A large bag: the projection runs once over the whole bag and is kept (3 x [N, D]); all after
+        # it runs chunk by chunk and, in training, is recomputed chunk by chunk in the backward pass,
+        # so the blocks' intermediates never exist for more than one chunk. Split views, not slices:
+        # their backward is one concatenation, not a full-size gradient per chunk.
+        qs, ms = list(self.qkv(x).split(self.chunk, 1)), list(mask.split(self.chunk, 1))
+        pad = (-qs[-1].shape[1]) % self.block
         if pad:
-            xs[-1], ms[-1] = F.pad(xs[-1], (0, 0, 0, pad)), F.pad(ms[-1], (0, pad), value=False)
-        if len(xs) == 1:  # one chunk: project once, nothing to recompute
-            q, k, v, keep = self._heads(xs[0], ms[0])
-            return self._attend(q, k, v, keep, *self._state(k, v, keep, ms[0]), x.dtype)[:, :n]
+            qs[-1], ms[-1] = F.pad(qs[-1], (0, 0, 0, pad)), F.pad(ms[-1], (0, pad), value=False)
         recompute = torch.is_grad_enabled()
         # Pass 1: the bag's total key-value state, summed chunk by chunk.
         totals = None
-        for xc, mc in zip(xs, ms, strict=True):
-            part = checkpoint(self._chunk_state, xc, mc, use_reentrant=False) if recompute else \
-                self._chunk_state(xc, mc)
+        for qc, mc in zip(qs, ms, strict=True):
+            part = checkpoint(self._chunk_state, qc, mc, use_reentrant=False) if recompute else \
+                self._chunk_state(qc, mc)
             totals = part if totals is None else tuple(t + p for t, p in zip(totals, part, strict=True))
         # Pass 2: each chunk's output from its own blocks and the bag's state.
-        out = [checkpoint(self._chunk_out, xc, mc, *totals, use_reentrant=False) if recompute
-               else self._chunk_out(xc, mc, *totals) for xc, mc in zip(xs, ms, strict=True)]
+        out = [checkpoint(self._chunk_out, qc, mc, *totals, use_reentrant=False) if recompute
+               else self._chunk_out(qc, mc, *totals) for qc, mc in zip(qs, ms, strict=True)]
         return torch.cat(out, 1)[:, :n]
 
-    def _heads(self, x: torch.Tensor, mask: torch.Tensor):
-        """q, k, v [B, H, nb, block, dh] in float32; keys of padding zeroed."""
-        b, n, d = x.shape
-        qkv = self.qkv(x).float().view(b, n // self.block, self.block, 3, self.heads, d // self.heads)
-        q, k, v = qkv.permute(3, 0, 4, 1, 2, 5)
+    def _heads(self, qkv: torch.Tensor, mask: torch.Tensor):
+        """Projected tokens [B, N, 3D] (N a multiple of the block) -> q, k, v [B, H, nb, block, dh]
+        in float32, and the mask as [B, 1, nb, block, 1]."""
+        b, n, d3 = qkv.shape
+        q, k, v = qkv.float().view(b, n // self.block, self.block, 3, self.heads, d3 // (3 * self.heads)) \
+            .permute(3, 0, 4, 1, 2, 5)
         return q, k, v, mask.view(b, 1, n // self.block, self.block, 1).float()
 
     @staticmethod
@@ -151,15 +156,15 @@ class LightningAttention(nn.Module):
         fk = _phi(k) * keep
         return torch.einsum("bhnkd,bhnke->bhde", fk, v), fk.sum((2, 3)), mask.float().sum(1)
 
-    def _chunk_state(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        release_freed_memory(x)
-        _, k, v, keep = self._heads(x, mask)
+    def _chunk_state(self, qkv: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        release_freed_memory(qkv)
+        _, k, v, keep = self._heads(qkv, mask)
         return self._state(k, v, keep, mask)
 
-    def _chunk_out(self, x: torch.Tensor, mask: torch.Tensor, state: torch.Tensor, norm: torch.Tensor,
+    def _chunk_out(self, qkv: torch.Tensor, mask: torch.Tensor, state: torch.Tensor, norm: torch.Tensor,
                    count: torch.Tensor) -> torch.Tensor:
-        release_freed_memory(x)
-        return self._attend(*self._heads(x, mask), state, norm, count, x.dtype)
+        release_freed_memory(qkv)
+        return self._attend(*self._heads(qkv, mask), state, norm, count, qkv.dtype)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, state: torch.Tensor,
                 norm: torch.Tensor, count: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
