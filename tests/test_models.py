@@ -130,3 +130,11 @@ def test_biofusion_vae_reads_each_encoder_on_its_own():
 def test_unknown_model_lists_the_known_ones():
     with pytest.raises(ValueError, match="Unknown model 'nope'; available: abmil, acmil"):
         create_model("nope", in_dim=4)
+
+
+def test_cli_options_are_read_as_yaml_scalars():
+    from fusion.cli import _options
+
+    assert _options(["glca=0.1", "pwca=true", "modal_fusion=cls"]) == {"glca": 0.1, "pwca": True, "modal_fusion": "cls"}
+    with pytest.raises(ValueError, match="expected NAME=VALUE"):
+        _options(["glca"])
