@@ -67,6 +67,12 @@ def pipeline_from_config(config: PipelineConfig) -> dict:
         extracted = extract_cohort.with_options(task_runner=runner)(
             run, config.extract.encoders, config.extract.build(), tile_set, slides=_tiled_ok(tiled),
             gpu_slots=config.extract.gpu_slots)
+        for name, section in config.tile_sets.items():  # other magnifications that multi-scale models read
+            extra = tile_cohort.with_options(task_runner=runner)(cohort, run, section.build(), section.mpp, name)
+            extra += extract_cohort.with_options(task_runner=runner)(
+                run, config.extract.encoders, config.extract.build(), name, slides=_tiled_ok(extra),
+                gpu_slots=config.extract.gpu_slots)
+            extracted += [r for r in extra if r["status"] == "failed"]  # listed as failures; counts stay per slide
     models = train_models(run, config.train_configs())
     analysis = analyze_stage(run, config.analysis.models) if config.analysis.enabled else None
     report_model = config.report_model

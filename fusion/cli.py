@@ -95,6 +95,10 @@ def synth(
     debris: Annotated[int, typer.Option(help="Specks of debris on each slide's glass.")] = 6,
     region_um: Annotated[float, typer.Option(help="Size scale of morphology regions, um.")] = 120.0,
     workers: Annotated[int, typer.Option(help="Processes rendering slides.")] = 2,
+    context_signal: Annotated[float, typer.Option(help="Weight of a risk carried by lymphocytes lying next to "
+                                                  "tumour (spatial context); 0 = off.")] = 0.0,
+    scale_signal: Annotated[float, typer.Option(help="Weight of a risk seen only at low magnification (tumour "
+                                                "gathered or dispersed); 0 = off.")] = 0.0,
 ) -> None:
     """Generate a synthetic cohort: pyramidal H&E-like slides, genomics, clinical data, outcomes.
 
@@ -104,7 +108,8 @@ def synth(
 
     config = SynthConfig(patients=patients, seed=seed, slide_px=slide_px, mpp=mpp,
                          missing_genomics=missing_genomics, missing_slides=missing_slides, workers=workers,
-                         pen_prob=pen_prob, debris=debris, region_um=region_um)
+                         pen_prob=pen_prob, debris=debris, region_um=region_um, context_signal=context_signal,
+                         scale_signal=scale_signal)
     with console.status(f"rendering {patients} patients' slides into {out}"):
         synthesize_cohort(out, config)
     console.print(f"cohort written to [bold]{out}[/]")
@@ -335,6 +340,12 @@ def train(
     task: Annotated[str, typer.Option(help="survival (risk) or classification (the cohort's label).")] = "survival",
     loss: Annotated[str, typer.Option(help="Survival loss: auto, cox, efron, weighted_cox, nll (discrete time).")]
     = "auto",
+    option: Annotated[list[str] | None, typer.Option(
+        "--option", help="A model option NAME=VALUE, repeatable (e.g. biofusion's glca=0.1, "
+        "modal_fusion=cls; `fusion doctor` lists each model's options).")] = None,
+    extra_set: Annotated[list[str] | None, typer.Option(
+        "--extra-set", help="Another tiling of the slides (e.g. a low magnification made with "
+        "`fusion tile --set 5x`) that multi-scale models also read; repeatable.")] = None,
 ) -> None:
     """Cross-validate a model; writes RUN/models/<model>/fold-<k>/ and predictions."""
     from fusion.run import open_run
@@ -344,7 +355,8 @@ def train(
 
     try:
         config = TrainConfig(model=model, encoder=encoder, folds=folds, epochs=epochs, seed=seed, tile_set=tile_set,
-                             task=task, loss=loss)
+                             task=task, loss=loss, model_options=_options(option or []),
+                             extra_tile_sets=tuple(extra_set or ()))
         layout, c = open_run(run)
         with _progress() as progress:
             bar = progress.add_task(f"training {model} ({folds} folds)", total=folds * epochs)
@@ -358,6 +370,19 @@ def train(
         console.print(format_evaluation(evaluate_stage(layout, c, name)))
     except (FusionError, ValueError) as e:
         _fail(e)
+
+
+def _options(pairs: list[str]) -> dict:
+    """NAME=VALUE pairs -> {name: value}, values read as YAML scalars (0.1, true, cls)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--option {pair!r}: expected NAME=VALUE, e.g. glca=0.1")
+        out[name.strip()] = yaml.safe_load(value)
+    return out
 
 
 @app.command()
@@ -749,7 +774,10 @@ def doctor() -> None:
     except Exception as e:  # noqa: BLE001
         table.add_row("prefect", f"[red]missing: {e}[/]")
     table.add_row("encoders", ", ".join(available_encoders()))
-    table.add_row("models", ", ".join(available_models()))
+    from fusion.models.registry import model_options
+
+    table.add_row("models", ", ".join(f"{m} ({', '.join(model_options(m))})" if model_options(m) else m
+                                      for m in available_models()))
     console.print(table)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fusion.errors import FusionError
 
@@ -136,6 +136,9 @@ class PipelineConfig(_Frozen):
     run: Path
     tiling: TilingSection = Field(default_factory=TilingSection)
     pretrain: list[PretrainSection] = Field(default_factory=list)
+    # Other tilings of the same slides (e.g. {"5x": {target_mpp: 2.0}}), tiled and featurised like the
+    # main one; a model reads them with `extra_tile_sets: [5x]` (multi-scale models).
+    tile_sets: dict[str, TilingSection] = Field(default_factory=dict)
     extract: ExtractSection = Field(default_factory=ExtractSection)
     models: list[ModelSection] = Field(default_factory=lambda: [ModelSection()])
     train_encoder: str | None = None  # features the models train on (default: the first encoder)
@@ -159,6 +162,29 @@ class PipelineConfig(_Frozen):
             raise ValueError(f"models: every model of a run uses the run's fold table, so all must give the same "
                              f"folds and seed; got (folds, seed) {sorted(splits)}")
         return models
+
+    @field_validator("tile_sets")
+    @classmethod
+    def _tile_set_names(cls, sets: dict[str, TilingSection]) -> dict[str, TilingSection]:
+        for name, section in sets.items():
+            if not name or not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"tile set name {name!r}: use letters, digits, '-' or '_' (it names a folder)")
+            if section.tile_set not in ("", name):
+                raise ValueError(f"tile_sets.{name}.tile_set is {section.tile_set!r}: the key names the set")
+        return sets
+
+    @model_validator(mode="after")
+    def _models_name_known_tile_sets(self) -> PipelineConfig:
+        known = set(self.tile_sets)
+        for m in self.models:
+            wanted = set((m.model_extra or {}).get("extra_tile_sets") or [])
+            if wanted - known:
+                raise ValueError(f"models: {m.model}: extra_tile_sets {sorted(wanted - known)} are not in "
+                                 f"tile_sets (declared: {sorted(known) or 'none'})")
+            if self.tiling.tile_set in wanted:
+                raise ValueError(f"models: {m.model}: extra_tile_sets repeats the main tile set "
+                                 f"{self.tiling.tile_set!r}")
+        return self
 
     @property
     def encoder(self) -> str:

@@ -212,7 +212,8 @@ def train_stage(layout: RunLayout, cohort: Cohort, config: TrainConfig, on_epoch
             return summary
 
     bags, missing = load_bags(layout, cohort, config.encoder, config.tile_set,
-                              keep_without_tiles=config.model in MULTIMODAL or config.model in BASELINES)
+                              keep_without_tiles=config.model in MULTIMODAL or config.model in BASELINES,
+                              extra_tile_sets=config.extra_tile_sets)
     if config.task == "survival":  # patients whose outcome is not known yet are scored, never trained on
         bags = bags.subset(np.flatnonzero(np.isfinite(bags.time)))
     if len(bags) < config.folds * 2:
@@ -336,8 +337,10 @@ def training_inputs_hash(layout: RunLayout, cohort: Cohort, config: TrainConfig)
     features = {}
     for sid in cohort.slides.slide_id:
         for enc in config.encoder.split("+"):
-            attrs = _h5_info(layout.features_h5(enc, str(sid), config.tile_set))["attrs"]
-            features[f"{sid}/{enc}"] = [str(attrs.get(k)) for k in ("tiles_hash", "encoder_version", "min_sharpness")]
+            for tile_set in (config.tile_set, *config.extra_tile_sets):
+                attrs = _h5_info(layout.features_h5(enc, str(sid), tile_set))["attrs"]
+                key = f"{sid}/{enc}" if tile_set == config.tile_set else f"{sid}/{enc}/{tile_set}"
+                features[key] = [str(attrs.get(k)) for k in ("tiles_hash", "encoder_version", "min_sharpness")]
     return hash_config({"features": features, "patients": table_hash(cohort.patients),
                         "genomics": None if cohort.genomics is None else table_hash(cohort.genomics),
                         "config": asdict(config)})

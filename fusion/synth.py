@@ -17,6 +17,20 @@ so that a model reading all three can beat every single-modality model (the orac
 Linear readers of each modality's hidden states on a large cohort (the slide read with some noise)
 reach C-indices of about 0.71 clinical, 0.75 genomics, 0.75 image and 0.83 all three; the true risk 0.84.
 
+Optional signals that a plain attention pool over tiles cannot read (off by default; when off, the
+cohort is byte-for-byte what it was before they existed). Each adds a hidden state, drawn from its
+own random stream, to the true log-hazard with the given weight:
+  context_signal  z_ctx, tumour-infiltrating lymphocytes: the lymphocytes come as aggregates of
+                  ~80 um whose total area is the patient's lymphocyte share, placed either close to
+                  tumour (centre 100-220 um from it) or far from it (> 500 um), a share sigmoid(2 z_ctx)
+                  of them close. Proportions do not change with z_ctx, only who is next to whom;
+                  risk -context_signal * z_ctx (infiltrated tumours do better).
+  scale_signal    z_arch, tumour architecture at low magnification: tumour nests of the same size
+                  and total area either gathered in one part of the tissue (a large-scale field,
+                  ~6x the region size, modulates where tumour may win) or spread over all of it
+                  (high z_arch). A high-magnification tile looks the same either way; a 1 mm tile
+                  does not. Risk +scale_signal * z_arch (dispersed, infiltrative growth does worse).
+
 Slides are tiled, JPEG-compressed, pyramidal TIFFs (4x downsample per level) with resolution tags,
 which openslide opens as `generic-tiff` with `openslide.mpp-x`. Level 0 is rendered in stripes and
 streamed to the writer, so the size is limited by disk, not memory.
@@ -75,6 +89,15 @@ class SynthConfig:
     debris: int = 6  # specks of dust/debris on the glass per slide
     # Weights of the true log-hazard: image state, genomic state, grade, age (per year).
     risk_weights: tuple[float, float, float, float] = (1.0, 1.0, 0.4, 0.03)
+    context_signal: float = 0.0  # weight of z_ctx (lymphocytes next to tumour); 0 = off
+    scale_signal: float = 0.0  # weight of z_arch (tumour gathered or dispersed, seen at low power); 0 = off
+
+    @property
+    def signals(self) -> bool:
+        return bool(self.context_signal or self.scale_signal)
+
+
+_SIGNAL_FIELDS = ("context_signal", "scale_signal")
 
 
 def synthesize_cohort(out: str | Path, config: SynthConfig = SynthConfig()) -> Path:
@@ -92,7 +115,8 @@ def synthesize_cohort(out: str | Path, config: SynthConfig = SynthConfig()) -> P
         row = truth.loc[truth.patient_id == pid].iloc[0]
         props = row[[f"prop_{m}" for m in MORPHOLOGIES]].to_numpy(dtype=float)
         seed = int(rng.integers(2**31))
-        jobs.append((str(out / rel), sid, props, seed, config))
+        signals = {k: float(row[k]) for k in ("z_ctx", "z_arch") if k in row}
+        jobs.append((str(out / rel), sid, props, seed, config, signals))
     slide_truth: dict[str, dict] = {}
     if config.workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(config.workers) as pool:
@@ -108,7 +132,9 @@ def synthesize_cohort(out: str | Path, config: SynthConfig = SynthConfig()) -> P
     genomics.to_csv(out / "genomics.csv", index=False)
     truth.to_csv(out / "truth" / "patients.csv", index=False)
     write_json(out / "truth" / "slides.json", slide_truth)
-    write_json(out / "truth" / "config.json", asdict(config))
+    # Signal fields only when on: the default cohort's files stay as they were before they existed.
+    write_json(out / "truth" / "config.json",
+               {k: v for k, v in asdict(config).items() if k not in _SIGNAL_FIELDS or v})
     spec = {
         "name": f"synthetic-{config.seed}",
         "time_unit": "months",
@@ -141,6 +167,10 @@ def _patients(config: SynthConfig, rng: np.random.Generator):
     er = np.where(rng.random(n) < 0.8, "positive", "negative")
     w_img, w_gene, w_grade, w_age = config.risk_weights
     eta = w_img * z_img + w_gene * z_gene + w_grade * (grade - 2) + w_age * (age - 60)
+    # The optional signals draw from their own stream, so turning them on changes nothing else.
+    extra_rng = np.random.default_rng([config.seed, 15])
+    z_ctx, z_arch = extra_rng.standard_normal(n), extra_rng.standard_normal(n)
+    eta = eta - config.context_signal * z_ctx + config.scale_signal * z_arch
 
     # Weibull proportional hazards: S(t) = exp(-(t / T0)^k * exp(eta)).
     t0 = 180.0  # scale chosen so that ~35 % of patients have an observed event
@@ -162,6 +192,10 @@ def _patients(config: SynthConfig, rng: np.random.Generator):
     })
     truth = pd.DataFrame({"patient_id": ids, "true_risk": eta, "z_img": z_img, "z_gene": z_gene,
                           "label": label})
+    if config.context_signal:
+        truth["z_ctx"] = z_ctx
+    if config.scale_signal:
+        truth["z_arch"] = z_arch
     for k, m in enumerate(MORPHOLOGIES):
         truth[f"prop_{m}"] = props[:, k]
     return patients, truth, {"z_img": z_img, "z_gene": z_gene, "ids": ids}
@@ -199,8 +233,8 @@ def _slide_table(config: SynthConfig, ids: list[str], rng: np.random.Generator) 
 
 
 def _render_job(job) -> tuple[str, dict]:
-    path, sid, props, seed, config = job
-    labels, ink, blur_band = render_slide(path, props, seed, config)
+    path, sid, props, seed, config, signals = job
+    labels, ink, blur_band = render_slide(path, props, seed, config, signals)
     truth_dir = Path(path).parent.parent / "truth"
     ok, png = cv2.imencode(".png", labels)
     with atomic_path(truth_dir / f"{sid}.labels.png") as tmp:
@@ -222,9 +256,14 @@ def _slide_shape(slide_px: int) -> tuple[int, int]:
 
 
 def morphology_map(shape: tuple[int, int], props: np.ndarray, rng: np.random.Generator,
-                   region_px: float = 60.0) -> np.ndarray:
+                   region_px: float = 60.0, gather: float | None = None, without: int | None = None) -> np.ndarray:
     """Label map [h, w] uint8: 0 glass, k+1 = MORPHOLOGIES[k]; regions are smooth blobs whose
-    correlation length is `region_px` label pixels (a physical size, whatever the slide's size)."""
+    correlation length is `region_px` label pixels (a physical size, whatever the slide's size).
+
+    `gather` (scale signal): how strongly a large-scale field confines tumour to part of the tissue
+    (0 = spread evenly); the tumour's share of the tissue is kept. `without`: a morphology index
+    left out of the map (its area goes to the others), to be placed afterwards (context signal).
+    Both draw their random numbers after the default ones, so the rest of the slide is unchanged."""
     h, w = shape
     # Tissue: one or two smooth islands inside an elliptical envelope.
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -244,9 +283,56 @@ def morphology_map(shape: tuple[int, int], props: np.ndarray, rng: np.random.Gen
     # Morphology regions: argmax of smooth random fields plus log-proportions.
     scores = np.stack([_smooth_noise((h, w), region_px, rng) for _ in props])
     scores = 1.6 * scores + np.log(np.maximum(props, 1e-4))[:, None, None]
+    if without is not None:
+        scores[without] = -np.inf
+    if gather is not None:
+        share = (scores.argmax(0) == 0)[tissue].mean()  # the tumour's share, kept while gathering it
+        large = _smooth_noise((h, w), 6 * region_px, rng)
+        scores[0] += gather * large + _offset_for_share(scores, gather * large, share, tissue)
     labels = (scores.argmax(0) + 1).astype(np.uint8)
     labels[~tissue] = 0
     return labels
+
+
+def _offset_for_share(scores: np.ndarray, extra: np.ndarray, share: float, tissue: np.ndarray) -> float:
+    """The constant c for which class 0, with `extra + c` added to its score, wins `share` of the tissue."""
+    others = scores[1:].max(0)[tissue]
+    base = (scores[0] + extra)[tissue]
+    lo, hi = -10.0, 10.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if (base + mid > others).mean() < share else (lo, mid)
+    return (lo + hi) / 2
+
+
+def place_lymphocytes(labels: np.ndarray, share: float, near_fraction: float, rng: np.random.Generator,
+                      label_um: float) -> None:
+    """Context signal: lymphocyte aggregates (discs of ~80 um) covering `share` of the tissue, a
+    `near_fraction` of them with their centre 100-220 um from tumour, the rest > 500 um from it
+    (or as far as the tissue allows); drawn over non-tumour tissue, in place."""
+    tissue = (labels >= 1) & (labels <= 5)
+    tumour = labels == 1
+    dist = cv2.distanceTransform((~tumour).astype(np.uint8), cv2.DIST_L2, 5) * label_um if tumour.any() \
+        else np.full(labels.shape, np.inf, np.float32)
+    free = tissue & ~tumour
+    near = np.argwhere(free & (dist >= 100) & (dist <= 220))
+    far_cut = min(500.0, float(np.quantile(dist[free], 0.8))) if free.any() and np.isfinite(dist[free]).all() \
+        else 500.0
+    far = np.argwhere(free & (dist >= far_cut))
+    radius = max(1, int(round(40 / label_um)))
+    target = share * tissue.sum()
+    lymph = MORPHOLOGIES.index("lymphocytes") + 1
+    disc = np.zeros(labels.shape, np.uint8)
+    covered, tries = 0, 0
+    # Aggregates until their area is the lymphocyte share, whatever their overlaps or the tissue edge.
+    while covered < target and tries < 10_000 and (len(near) or len(far)):
+        tries += 1
+        pool = near if (rng.random() < near_fraction and len(near)) or not len(far) else far
+        y, x = pool[rng.integers(len(pool))]
+        cv2.circle(disc, (int(x), int(y)), radius, 1, -1)
+        if tries % 8 == 0 or covered + np.pi * radius**2 >= target:
+            covered = int(((disc > 0) & free).sum())
+    labels[(disc > 0) & free] = lymph
 
 
 def _smooth_noise(shape: tuple[int, int], sigma: float, rng: np.random.Generator) -> np.ndarray:
@@ -259,15 +345,23 @@ def _smooth_noise(shape: tuple[int, int], sigma: float, rng: np.random.Generator
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
-def render_slide(path: str | Path, props: np.ndarray, seed: int, config: SynthConfig):
+def render_slide(path: str | Path, props: np.ndarray, seed: int, config: SynthConfig,
+                 signals: dict[str, float] | None = None):
     """Render one slide to `path` (pyramidal tiled JPEG TIFF); return (label map, ink or None,
-    out-of-focus band (x0, x1) in level-0 pixels or None)."""
+    out-of-focus band (x0, x1) in level-0 pixels or None). `signals`: the patient's z_ctx / z_arch
+    when the cohort has the context / scale signals."""
     rng = np.random.default_rng(seed)
+    signals = signals or {}
     h, w = _slide_shape(config.slide_px)
     mpp, quality = config.mpp, config.jpeg_quality
     label_um = mpp * LABEL_PX
+    lymph = MORPHOLOGIES.index("lymphocytes")
+    gather = float(np.clip(1.5 - 0.75 * signals["z_arch"], 0.0, 3.0)) if "z_arch" in signals else None
     labels = morphology_map((-(-h // LABEL_PX), -(-w // LABEL_PX)), props, rng,
-                            region_px=config.region_um / label_um)
+                            region_px=config.region_um / label_um, gather=gather,
+                            without=lymph if "z_ctx" in signals else None)
+    if "z_ctx" in signals:
+        place_lymphocytes(labels, float(props[lymph]), float(1 / (1 + np.exp(-2 * signals["z_ctx"]))), rng, label_um)
     ink = add_artefacts(labels, rng, label_um, config.pen_prob, config.debris)
     textures = make_textures(mpp, ink or "blue")
     blur_band = None

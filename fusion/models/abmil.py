@@ -16,23 +16,10 @@ import torch
 from torch import nn
 
 from fusion.models.base import TileModel
+from fusion.models.blocks.pooling import GatedAttentionPool
 from fusion.models.registry import register_model
 
-
-class GatedAttentionPool(nn.Module):
-    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
-        super().__init__()
-        self.v = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Dropout(dropout))
-        self.u = nn.Sequential(nn.Linear(dim, hidden), nn.Sigmoid(), nn.Dropout(dropout))
-        self.w = nn.Linear(hidden, 1)
-
-    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """h [B, N, D], mask [B, N] (True = real tile) -> pooled [B, D], attention [B, N]."""
-        logits = self.w(self.v(h) * self.u(h)).squeeze(-1).float()
-        logits = logits.masked_fill(~mask, float("-inf"))
-        attn = torch.softmax(logits, dim=1)
-        attn = torch.nan_to_num(attn, nan=0.0)  # a bag with no tile gets all-zero attention
-        return torch.einsum("bn,bnd->bd", attn.to(h.dtype), h), attn
+__all__ = ["ABMIL", "GatedAttentionPool"]
 
 
 class ABMIL(TileModel):

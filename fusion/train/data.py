@@ -3,6 +3,7 @@ data, batched with padding and masks."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -32,14 +33,22 @@ class Bags:
     label: np.ndarray | None = None  # [P] class index (classification), -1 where unknown
     classes: list[str] = field(default_factory=list)
     time_unit: str = "months"  # the cohort's time unit (horizons are round numbers in it)
+    coords: list[np.ndarray] = field(default_factory=list)  # each [N_i, 2] tile centres in um (see load_bags)
+    encoder_dims: list[int] = field(default_factory=list)  # width of each encoder's part of a feature row
+    # Extra tile sets (other magnifications of the same slides): per set, per patient [M_i, D'] and [M_i, 2].
+    scale_features: list[list[np.ndarray]] = field(default_factory=list)
+    scale_coords: list[list[np.ndarray]] = field(default_factory=list)
 
     def subset(self, idx: np.ndarray) -> Bags:
         idx = np.asarray(idx, dtype=int)
-        return Bags([self.ids[i] for i in idx], [self.features[i] for i in idx], self.time[idx], self.event[idx],
-                    None if self.genomics is None else self.genomics[idx], self.gene_names,
-                    None if self.clinical is None else self.clinical.iloc[idx].reset_index(drop=True),
-                    self.clinical_types, {k: v[idx] for k, v in self.tab.items()},
-                    None if self.label is None else self.label[idx], self.classes, self.time_unit)
+        pick = lambda items: [items[i] for i in idx] if items else items  # noqa: E731
+        return dataclasses.replace(
+            self, ids=pick(self.ids), features=pick(self.features), time=self.time[idx], event=self.event[idx],
+            genomics=None if self.genomics is None else self.genomics[idx],
+            clinical=None if self.clinical is None else self.clinical.iloc[idx].reset_index(drop=True),
+            tab={k: v[idx] for k, v in self.tab.items()}, label=None if self.label is None else self.label[idx],
+            coords=pick(self.coords), scale_features=[pick(s) for s in self.scale_features],
+            scale_coords=[pick(s) for s in self.scale_coords])
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -58,7 +67,9 @@ class Bags:
         h = hashlib.sha256()
         for part in (self.ids, self.gene_names, self.classes, self.clinical_types):
             h.update(json.dumps(part, sort_keys=True).encode())
-        for arr in (self.time, self.event, self.label, self.genomics, *self.features):
+        # Tile positions are not hashed: they come from the same tile files as the features.
+        scale_parts = [f for per_set in self.scale_features for f in per_set]
+        for arr in (self.time, self.event, self.label, self.genomics, *self.features, *scale_parts):
             if arr is not None:
                 a = np.ascontiguousarray(arr)
                 h.update(f"{a.dtype}{a.shape}".encode())
@@ -68,37 +79,78 @@ class Bags:
         return h.hexdigest()[:16]
 
 
+SLIDE_GAP_UM = 1e6  # a patient's slides are laid side by side this far apart: never neighbours
+
+
+def _slide_tiles(layout: RunLayout, encoders: list[str], slide_id: str, tile_set: str
+                 ) -> tuple[np.ndarray, np.ndarray, list[int]] | None:
+    """(features [N, sum D_e], tile centres [N, 2] in um, encoder dims) of one slide, or None when an
+    encoder has not featurised it. Files without `level0_mpp` (imported) are taken to be 0.5 um/px."""
+    feats, centres, dims = [], None, []
+    for enc in encoders:
+        path = layout.features_h5(enc, slide_id, tile_set)
+        if not path.exists():
+            return None
+        f, coords, attrs = read_features(path)
+        feats.append(f)
+        dims.append(f.shape[1])
+        if centres is None:
+            half = float(attrs.get("patch_size_level0", 0)) / 2
+            centres = (np.asarray(coords, np.float64) + half) * float(attrs.get("level0_mpp", 0.5))
+    return np.concatenate(feats, 1), centres.astype(np.float32), dims
+
+
+def _patient_tiles(layout: RunLayout, cohort: Cohort, pid: str, encoders: list[str], tile_set: str
+                   ) -> tuple[np.ndarray, np.ndarray, list[int]] | None:
+    """All featurised tiles of a patient's slides (features, centres in um with slides set apart, dims)."""
+    feats, centres, dims = [], [], None
+    for s, sid in enumerate(cohort.slides_of(pid)["slide_id"]):
+        got = _slide_tiles(layout, encoders, sid, tile_set)
+        if got is not None and len(got[0]):
+            feats.append(got[0])
+            centres.append(got[1] + np.array([s * SLIDE_GAP_UM, 0.0], np.float32))
+            dims = got[2]
+    if not feats:
+        return None
+    return np.concatenate(feats, 0), np.concatenate(centres, 0), dims
+
+
 def load_bags(layout: RunLayout, cohort: Cohort, encoder: str, tile_set: str = "",
-              keep_without_tiles: bool = False) -> tuple[Bags, list[str]]:
+              keep_without_tiles: bool = False, extra_tile_sets: tuple[str, ...] | list[str] = ()
+              ) -> tuple[Bags, list[str]]:
     """Bags of the cohort's patients and the ids without any featurised tile.
 
     Patients without tiles are left out unless `keep_without_tiles` (fusion models score them from
     their other modalities). Several encoders joined by '+' ("morph+ssl-mocov3") give, per tile,
-    the concatenation of each encoder's features (same tiles, same order).
+    the concatenation of each encoder's features (same tiles, same order); `Bags.encoder_dims` says
+    where each encoder's part starts. Each tile's centre is kept in micrometres (`Bags.coords`), a
+    patient's second slide placed `SLIDE_GAP_UM` to the right of the first. `extra_tile_sets` (other
+    tilings of the same slides, e.g. a low magnification) are read with the same encoders into
+    `Bags.scale_features` / `Bags.scale_coords`; a patient may have none of them.
     """
     encoders = encoder.split("+")
-    ids, feats, missing = [], [], []
-    dim = None
+    ids, feats, coords, missing = [], [], [], []
+    dim, enc_dims = None, []
     for pid in cohort.patients["patient_id"]:
-        parts = []
-        for sid in cohort.slides_of(pid)["slide_id"]:
-            per_encoder = []
-            for enc in encoders:
-                path = layout.features_h5(enc, sid, tile_set)
-                if path.exists():
-                    per_encoder.append(read_features(path)[0])
-            if len(per_encoder) == len(encoders) and len(per_encoder[0]):
-                parts.append(np.concatenate(per_encoder, 1))
-        if parts:
+        got = _patient_tiles(layout, cohort, pid, encoders, tile_set)
+        if got is not None:
             ids.append(pid)
-            feats.append(np.concatenate(parts, 0))
-            dim = feats[-1].shape[1]
+            feats.append(got[0])
+            coords.append(got[1])
+            dim, enc_dims = feats[-1].shape[1], got[2]
         else:
             missing.append(pid)
             if keep_without_tiles:
                 ids.append(pid)
                 feats.append(None)
+                coords.append(np.zeros((0, 2), np.float32))
     feats = [np.zeros((0, dim or 1), np.float32) if f is None else f for f in feats]
+    scale_features, scale_coords = [], []
+    for extra in extra_tile_sets:
+        per = [_patient_tiles(layout, cohort, pid, encoders, extra) for pid in ids]
+        extra_dim = next((p[0].shape[1] for p in per if p is not None), dim or 1)
+        scale_features.append([np.zeros((0, extra_dim), np.float32) if p is None else p[0] for p in per])
+        scale_coords.append([np.zeros((0, 2), np.float32) if p is None else p[1] for p in per])
     pts = cohort.patients.loc[ids]
     genomics, genes = None, []
     if cohort.genomics is not None:
@@ -112,7 +164,8 @@ def load_bags(layout: RunLayout, cohort: Cohort, encoder: str, tile_set: str = "
         label = np.array([classes.index(str(v)) if pd.notna(v) else -1 for v in values], dtype=int)
     bags = Bags(ids, feats, pts[cohort.spec.outcome.time].to_numpy(float),
                 pts[cohort.spec.outcome.event].to_numpy().astype(bool), genomics, genes, clinical,
-                dict(cohort.spec.clinical), label=label, classes=classes, time_unit=cohort.spec.time_unit)
+                dict(cohort.spec.clinical), label=label, classes=classes, time_unit=cohort.spec.time_unit,
+                coords=coords, encoder_dims=enc_dims, scale_features=scale_features, scale_coords=scale_coords)
     return bags, missing
 
 
@@ -252,6 +305,26 @@ class Preprocessor:
                 "category_freq": self.category_freq}
 
 
+def _choose(n: int, max_tiles: int | None, rng: np.random.Generator | None) -> np.ndarray | None:
+    """Indices of the tiles a training bag keeps (sorted, random), or None for all of them."""
+    if max_tiles is None or n <= max_tiles:
+        return None
+    if rng is None:
+        raise ValueError("collate: subsampling to max_tiles needs a random generator (rng)")
+    return np.sort(rng.choice(n, max_tiles, replace=False))
+
+
+def _pad(arrays: list[np.ndarray], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad [N_i, width] arrays to [B, max N_i (>= 1), width] with a mask [B, N] (True = real)."""
+    n = max(1, max(len(a) for a in arrays))
+    x = np.zeros((len(arrays), n, width), np.float32)
+    mask = np.zeros((len(arrays), n), bool)
+    for i, a in enumerate(arrays):
+        x[i, : len(a)] = a
+        mask[i, : len(a)] = True
+    return torch.from_numpy(x), torch.from_numpy(mask)
+
+
 def collate(bags: list[np.ndarray], max_tiles: int | None, rng: np.random.Generator | None
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad bags to the longest: features [B, N, D] and mask [B, N] (True = real tile).
@@ -261,19 +334,37 @@ def collate(bags: list[np.ndarray], max_tiles: int | None, rng: np.random.Genera
     """
     chosen = []
     for f in bags:
-        if max_tiles is not None and len(f) > max_tiles:
-            if rng is None:
-                raise ValueError("collate: subsampling to max_tiles needs a random generator (rng)")
-            f = f[np.sort(rng.choice(len(f), max_tiles, replace=False))]
-        chosen.append(f)
-    n = max(1, max(len(f) for f in chosen))
-    d = chosen[0].shape[1]
-    x = np.zeros((len(chosen), n, d), np.float32)
-    mask = np.zeros((len(chosen), n), bool)
-    for i, f in enumerate(chosen):
-        x[i, : len(f)] = f
-        mask[i, : len(f)] = True
-    return torch.from_numpy(x), torch.from_numpy(mask)
+        keep = _choose(len(f), max_tiles, rng)
+        chosen.append(f if keep is None else f[keep])
+    return _pad(chosen, chosen[0].shape[1])
+
+
+def batch_inputs(bags: Bags, idx, device: torch.device, max_tiles: int | None = None,
+                 rng: np.random.Generator | None = None) -> dict:
+    """Everything a model reads for patients `idx` (indices or a slice), padded, on `device`:
+    features, mask, coords (when known), extra tile sets, genomics and clinical data.
+
+    With `max_tiles`, each of a patient's tile sets is capped at random (training); the positions
+    follow their tiles. Random draws are those of `collate` when there is no extra tile set.
+    """
+    rows = list(range(len(bags)))[idx] if isinstance(idx, slice) else [int(i) for i in idx]
+    keep = [_choose(len(bags.features[i]), max_tiles, rng) for i in rows]
+    take = lambda a, k: a if k is None else a[k]  # noqa: E731
+    x, mask = _pad([take(bags.features[i], k) for i, k in zip(rows, keep, strict=True)], bags.dim)
+    out = {"features": x.to(device), "mask": mask.to(device)}
+    if bags.coords:
+        out["coords"] = _pad([take(bags.coords[i], k) for i, k in zip(rows, keep, strict=True)], 2)[0].to(device)
+    if bags.scale_features:
+        out.update(scale_features=[], scale_masks=[], scale_coords=[])
+        for feats, pos in zip(bags.scale_features, bags.scale_coords, strict=True):
+            keep_s = [_choose(len(feats[i]), max_tiles, rng) for i in rows]
+            xs, ms = _pad([take(feats[i], k) for i, k in zip(rows, keep_s, strict=True)], feats[rows[0]].shape[1])
+            ps, _ = _pad([take(pos[i], k) for i, k in zip(rows, keep_s, strict=True)], 2)
+            out["scale_features"].append(xs.to(device))
+            out["scale_masks"].append(ms.to(device))
+            out["scale_coords"].append(ps.to(device))
+    out.update(tabular_batch(bags, rows, device))
+    return out
 
 
 def tabular_batch(bags: Bags, idx, device: torch.device) -> dict[str, torch.Tensor]:

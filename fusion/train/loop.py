@@ -8,7 +8,7 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from fusion.errors import RunError
-from fusion.features.device import autocast, pick_device, to_device
+from fusion.features.device import autocast, pick_device
 from fusion.models import create_model
 from fusion.storage import hash_config, write_json, write_table
 from fusion.survival import concordance, cox_loss, discrete_time_bins, nll_survival_loss
 from fusion.survival.horizons import nice_horizons, surv_column
 from fusion.survival.losses import SURVIVAL_LOSSES, hazards_from_logits, ipcw_event_weights
 from fusion.train.checkpoint import CONFIG, WEIGHTS, config_digest, save_checkpoint
-from fusion.train.data import Bags, Preprocessor, collate, feature_moments, tabular_batch
+from fusion.train.data import Bags, Preprocessor, batch_inputs, feature_moments
 from fusion.train.folds import FoldTable, make_fold_table
 from fusion.train.reference import fit_reference
 from fusion.train.splits import inner_split
@@ -51,14 +51,23 @@ class TrainConfig:
     loss: str = "auto"  # cox | efron | weighted_cox | nll; auto: weighted_cox for biofusion, else cox
     n_bins: int = 4  # discrete-time bins for loss="nll" (quantiles of the training fold's event times)
     max_genes: int = 256  # most variable genes of the training fold kept for fusion models
+    model_options: dict = field(default_factory=dict)  # the model's own settings (see fusion.models.registry)
+    extra_tile_sets: tuple[str, ...] = ()  # other tilings of the slides (magnifications) for multi-scale models
 
     def __post_init__(self) -> None:
         from fusion.models import available_models
+        from fusion.models.registry import check_model_options
         from fusion.train.baselines import BASELINES
 
         if self.model not in available_models() and self.model not in BASELINES:
             raise ValueError(f"Unknown model '{self.model}'; available: "
                              f"{', '.join(available_models() + list(BASELINES))}")
+        object.__setattr__(self, "extra_tile_sets", tuple(self.extra_tile_sets))
+        if self.model in available_models():
+            check_model_options(self.model, self.model_options)
+        if self.extra_tile_sets and self.model not in MULTISCALE:
+            raise ValueError(f"extra_tile_sets {list(self.extra_tile_sets)}: only {', '.join(sorted(MULTISCALE))} "
+                             f"read several tile sets, not '{self.model}'")
         for name in ("folds", "epochs", "batch_size", "max_tiles", "hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -87,6 +96,7 @@ class TrainConfig:
     def loss_fn(self):
         return SURVIVAL_LOSSES[self.loss_name]
 MULTIMODAL = {"coattn", "biofusion", "genomics_snn"}  # models that read genomics and clinical data
+MULTISCALE = {"biofusion"}  # models that read extra tile sets (other magnifications)
 # What each model and baseline reads: the reports derive every sentence about inputs from this.
 MODEL_INPUTS = {"abmil": ("tiles",), "acmil": ("tiles",), "coattn": ("tiles", "genomics", "clinical"),
                 "biofusion": ("tiles", "genomics", "clinical"), "genomics_snn": ("genomics", "clinical"),
@@ -111,10 +121,9 @@ def predict_risk(model: torch.nn.Module, bags: Bags, device: torch.device, batch
     model.eval()
     out = []
     for start in range(0, len(bags), batch_size):
-        x, mask = collate(bags.features[start : start + batch_size], None, None)
-        tab = tabular_batch(bags, slice(start, start + batch_size), device)
+        inputs = batch_inputs(bags, slice(start, start + batch_size), device)
         with autocast(device):
-            result = model(to_device(x, device), to_device(mask, device), **tab)
+            result = model(**inputs)
         if hazards:
             out.append(hazards_from_logits(result["logits"]).cpu().numpy())
         elif "risk" in result:
@@ -140,7 +149,14 @@ def model_kwargs(config: TrainConfig, bags: Bags, prep: Preprocessor | None) -> 
     kwargs = {"in_dim": bags.dim, "hidden": config.hidden, "dropout": config.dropout, "n_outputs": n_outputs}
     if prep is not None and config.model in MULTIMODAL:
         kwargs.update(genomic_dim=max(1, len(prep.genes)), groups=prep.groups, clinical_dim=prep.clinical_dim)
-    return kwargs
+    if config.model in MULTISCALE:  # several encoders per tile (the VAE splits them), extra tile sets
+        kwargs.update(encoder_dims=list(bags.encoder_dims) or [bags.dim],
+                      scale_dims=[_set_dim(s, bags.dim) for s in bags.scale_features])
+    return {**kwargs, **config.model_options}
+
+
+def _set_dim(per_patient: list[np.ndarray], default: int) -> int:
+    return int(next((f.shape[1] for f in per_patient if f.ndim == 2), default))
 
 
 def _loss(out: dict, time: torch.Tensor, event: torch.Tensor, label: torch.Tensor, loss_fn,
@@ -170,6 +186,9 @@ def fit(bags: Bags, val: Bags, config: TrainConfig, seed: int,
     model = create_model(config.model, **model_kwargs(config, bags, prep))
     mean, std = feature_moments(bags.features, seed=seed)
     model.set_normalisation(torch.from_numpy(mean), torch.from_numpy(std))
+    for i, feats in enumerate(bags.scale_features):  # each extra tile set standardised on its own tiles
+        mean, std = feature_moments(feats, seed=seed)
+        model.set_normalisation(torch.from_numpy(mean), torch.from_numpy(std), scale=i)
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     time_t = torch.as_tensor(bags.time, dtype=torch.float32)
@@ -190,10 +209,9 @@ def fit(bags: Bags, val: Bags, config: TrainConfig, seed: int,
             idx = order[start : start + config.batch_size]
             if len(idx) < 2 or (not classify and not bags.event[idx].any()):
                 continue  # no risk set to learn from
-            x, mask = collate([bags.features[i] for i in idx], config.max_tiles, rng)
-            tab = tabular_batch(bags, idx, device)
+            inputs = batch_inputs(bags, idx, device, config.max_tiles, rng)
             with autocast(device):
-                out = model(to_device(x, device), to_device(mask, device), **tab)
+                out = model(**inputs)
             loss = _loss(out, time_t[idx].to(device), event_t[idx].to(device), label_t[idx].to(device),
                          config.loss_fn, None if edges is None else edges.to(device),
                          None if weight_t is None else weight_t[idx].to(device))

@@ -41,7 +41,8 @@ def predict_patients(model_dir: str | Path, layout: RunLayout, cohort: Cohort, o
         train = config["train_config"]
         if bags is None:  # every fold of a model was trained on the same features: read them once
             bags, _ = load_bags(layout, cohort, config["encoder"], train.get("tile_set", ""),
-                                keep_without_tiles=train["model"] in MULTIMODAL)
+                                keep_without_tiles=train["model"] in MULTIMODAL,
+                                extra_tile_sets=train.get("extra_tile_sets", ()))
             if not len(bags):
                 raise RunError(f"no patient of {cohort.root} has '{config['encoder']}' features in {layout.root}; "
                                f"run `fusion extract {layout.root} --encoder {config['encoder']}` first")

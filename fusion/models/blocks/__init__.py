@@ -1,0 +1,1 @@
+"""Attention blocks the fusion models are built from (each documented in docs/)."""
