@@ -18,6 +18,7 @@ from flows.progress import bar
 from fusion.run import init_run, open_run
 from fusion.stages import slide_rows, tile_one, tiling_is_current
 from fusion.wsi import TilingConfig
+from fusion.wsi.qc import write_contact_sheet
 
 RETRIES = 3  # transient I/O errors (network storage) are retried after 2, 4 and 8 s
 
@@ -57,6 +58,7 @@ def tile_cohort(cohort: str, run: str, tiling: TilingConfig = TilingConfig(), mp
         results[result["slide_id"]] = result
         progress.advance()
     ordered = [results[sid] for sid, _ in slide_rows(cohort_obj)]
+    write_contact_sheet(layout.tiles_dir(tile_set), ordered, cohort_obj.slides)
     done = sum(r["status"] == "done" for r in ordered)
     failed = sum(r["status"] == "failed" for r in ordered)
     get_run_logger().info("tiled %d slides (%d up to date, %d failed), %d tiles", done, len(ordered) - done - failed,

@@ -176,6 +176,7 @@ def _parse_override(text: str) -> tuple[str, float | bool]:
 def _tile_locally(cohort: Path, out: Path, config, mpp: float | None, tile_set: str) -> list[dict]:
     from fusion.run import init_run, open_run
     from fusion.stages import slide_rows, tile_one
+    from fusion.wsi.qc import write_contact_sheet
 
     init_run(out, cohort)
     layout, c = open_run(out)
@@ -183,6 +184,7 @@ def _tile_locally(cohort: Path, out: Path, config, mpp: float | None, tile_set: 
     with _progress() as progress:
         for sid, path in progress.track(slide_rows(c), description="tiling slides"):
             results.append(tile_one(layout, sid, path, config, mpp, tile_set))
+    write_contact_sheet(layout.tiles_dir(tile_set), results, c.slides)
     return results
 
 
