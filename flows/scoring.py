@@ -19,6 +19,7 @@ from flows.tiling import tile_cohort
 from fusion.pipeline_config import PipelineConfigError, load_pipeline_config
 from fusion.run import init_run, open_run
 from fusion.scoring import intake_inbox, merge_predictions, model_encoder, subset_cohort, unscored
+from fusion.ui import markdown_link
 
 DEPLOYMENT = "nightly-scoring"
 
@@ -90,14 +91,14 @@ def score_inbox(config_path: str) -> dict:
 
 
 def _markdown(result: dict, scores: list[dict]) -> str:
-    reports = {Path(p).stem: Path(p).resolve().as_uri() for p in result["reports"]}
+    reports = {Path(p).stem: p for p in result["reports"]}  # linked through `fusion ui`'s file server
     value = "risk_percentile" if scores and "risk_percentile" in scores[0] else "predicted"
     lines = [f"Batch {result['batch']}: {len(scores)} patient(s) scored into `{result['predictions']}`", "",
              f"| patient | {value} | report |", "|---|---|---|"]
     for s in scores:
         pid = s["patient_id"]
         shown = f"{s[value]:.3f}" if isinstance(s[value], float) else s[value]
-        lines.append(f"| {pid} | {shown} | {f'[report]({reports[pid]})' if pid in reports else ''} |")
+        lines.append(f"| {pid} | {shown} | {markdown_link('report', reports[pid]) if pid in reports else ''} |")
     if result["failed"]:
         lines += ["", "Failed slides: " + ", ".join(f"`{s}`" for s in result["failed"])]
     return "\n".join(lines)

@@ -638,6 +638,77 @@ def serve(
         _fail(e)
 
 
+@app.command()
+def ui(
+    root: Annotated[list[Path], typer.Option(help="Serve the run folders under this folder (repeatable; "
+                                             "default: the current folder).")] = [],
+    port: Annotated[int, typer.Option(help="Port of Prefect's UI and API.")] = 4200,
+    files_port: Annotated[int, typer.Option(help="Port of the file server that opens the reports linked "
+                                            "from the UI (pipelines link to 4201 unless FUSION_FILES_URL "
+                                            "says otherwise).")] = 4201,
+) -> None:
+    """Prefect's UI (runs, logs, artifacts) and a file server that opens the reports the artifacts link to.
+
+    Starts `prefect server start` on 127.0.0.1:PORT (its database in $PREFECT_HOME; `make ui` uses
+    the repository's .prefect/, where `make demo` records its runs), or uses a Prefect server already
+    answering there, and serves the files of run folders on 127.0.0.1:FILES_PORT. Runs report to
+    the UI as they happen when the terminal running them has PREFECT_API_URL set (printed below).
+    Ctrl-C stops both servers.
+    """
+    import signal
+    import time
+
+    from fusion.ui import (
+        FILES_URL_ENV,
+        HOST,
+        files_url,
+        prefect_healthy,
+        serve_files,
+        start_prefect_server,
+        stop,
+        wait_for_prefect,
+    )
+
+    api = f"http://{HOST}:{port}/api"
+    server = prefect = None
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even when started where SIGINT is ignored
+    signal.signal(signal.SIGTERM, _interrupt)  # and `kill`: both stop both servers
+    try:
+        server = serve_files(root or [Path.cwd()], files_port)
+        if prefect_healthy(api):
+            console.print(f"a Prefect server already answers on {HOST}:{port}; using it")
+        else:
+            prefect = start_prefect_server(port)
+            with console.status(f"starting Prefect's server on {HOST}:{port} (15-60 s)"):
+                wait_for_prefect(api, prefect)
+        files = f"http://{HOST}:{files_port}"
+        console.print(f"\nPrefect UI    [bold]http://{HOST}:{port}[/]  (runs, logs; each run's artifacts link "
+                      "its reports)")
+        console.print(f"report files  [bold]{files}[/]  (run folders under "
+                      f"{', '.join(str(p.resolve()) for p in root or [Path.cwd()])})")
+        console.print(f"\nIn the terminal that runs pipelines, so that their runs appear here as they happen:\n"
+                      f"  export PREFECT_API_URL={api}")
+        if files != files_url():
+            console.print(f"  export {FILES_URL_ENV}={files}")
+        console.print("Ctrl-C stops both servers.")
+        while prefect is None or prefect.poll() is None:
+            time.sleep(1)
+        raise FusionError(f"Prefect's server exited with code {prefect.returncode}")
+    except KeyboardInterrupt:
+        console.print("stopping")
+    except FusionError as e:
+        _fail(e)
+    finally:
+        if server is not None:
+            server.stop()
+        if prefect is not None:
+            stop(prefect)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def _print_summary(summary: dict) -> None:
     done, skipped = summary["slides_done"], summary["slides_skipped"]
     console.print(f"\nrun folder: [bold]{summary['run']}[/]  ({summary['slides']} slides, {summary['tiles']} tiles; "
