@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -733,34 +732,82 @@ def _print_summary(summary: dict) -> None:
 
 
 @app.command()
-def doctor() -> None:
-    """Report the environment: Python, openslide, torch/CUDA, Prefect, encoders and models."""
-    from fusion.features import available_encoders
-    from fusion.models import available_models
+def doctor(
+    config: Annotated[Path | None, typer.Argument(help="Also check what this pipeline config needs: its cohort, "
+                                                  "models, encoders' weights and room for its run.")] = None,
+) -> None:
+    """Check everything a run needs by doing it once; list every model, baseline and encoder.
 
-    table = Table("component", "status")
-    table.add_row("python", platform.python_version())
-    try:
-        import openslide
+    Python, openslide (reads a tiled TIFF), torch and CUDA, Chromium (started headless, prints a PDF),
+    Prefect (the server pipelines will use answers, or the embedded one starts), the working folder
+    and its free space. Exits 1 when a check fails.
+    """
+    from fusion.doctor import config_checks, encoder_rows, environment_checks, model_rows
 
-        table.add_row("openslide", f"{openslide.__library_version__} (python {openslide.__version__})")
-    except Exception as e:  # noqa: BLE001 - doctor reports, never crashes
-        table.add_row("openslide", f"[red]missing: {e}[/] (pip install openslide-bin openslide-python)")
-    import torch
+    cfg = None
+    with console.status("checking (Chromium and Prefect's server start once: up to a minute)"):
+        if config is not None:
+            from fusion.pipeline_config import load_pipeline_config
 
-    cuda = "no GPU: CPU"
-    if torch.cuda.is_available():
-        cuda = f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s)"
-    table.add_row("torch", f"{torch.__version__} ({cuda}, {torch.get_num_threads()} threads)")
+            try:
+                cfg = load_pipeline_config(config)
+            except (FusionError, ValueError) as e:
+                _fail(e)
+        checks = environment_checks(Path.cwd(), pdf_needed=bool(cfg and cfg.report.enabled and cfg.report.pdf))
+        checks.append(_check_prefect())
+        if cfg is not None:
+            checks += config_checks(cfg)
+    colour = {"ok": "green", "warn": "yellow", "fail": "bold red"}
+    table = Table("check", "status", "detail", title="fusion doctor")
+    for c in checks:
+        table.add_row(c.name, f"[{colour[c.status]}]{c.status}[/]", c.detail)
+    console.print(table)
+    trained = {m.model for m in cfg.models} if cfg else set()
+    models = Table("model", "kind", "reads", *(["in config"] if cfg else []), title="models and baselines")
+    for name, kind, reads in model_rows():
+        models.add_row(name, kind, reads, *(["yes" if name in trained else ""] if cfg else []))
+    console.print(models)
+    encoders = Table("encoder", "needs", title="encoders")
+    for name, needs in encoder_rows(cfg.run if cfg else None):
+        encoders.add_row(name, needs)
+    console.print(encoders)
+    failed = [c.name for c in checks if c.status == "fail"]
+    if failed:
+        err.print(f"[bold red]{len(failed)} check(s) failed:[/] {', '.join(failed)}")
+        raise typer.Exit(1)
+
+
+def _check_prefect():
+    """The Prefect API pipelines will use: the server PREFECT_API_URL names answers, or the embedded one starts
+    (here, not in fusion.doctor: only the CLI imports Prefect)."""
+    import time
+
+    from fusion.doctor import Check
+
     try:
         import prefect
+        from prefect.settings import PREFECT_API_URL, PREFECT_HOME
 
-        table.add_row("prefect", prefect.__version__)
-    except Exception as e:  # noqa: BLE001
-        table.add_row("prefect", f"[red]missing: {e}[/]")
-    table.add_row("encoders", ", ".join(available_encoders()))
-    table.add_row("models", ", ".join(available_models()))
-    console.print(table)
+        from fusion.ui import prefect_healthy
+
+        url = PREFECT_API_URL.value()
+        if url:
+            if prefect_healthy(url, timeout=10):
+                return Check("prefect", "ok", f"{prefect.__version__}; the server at PREFECT_API_URL={url} answers")
+            return Check("prefect", "fail", f"{prefect.__version__}; nothing answers at PREFECT_API_URL={url}: "
+                                            "start it (`fusion ui`) or unset PREFECT_API_URL")
+        from prefect.server.api.server import SubprocessASGIServer
+
+        start = time.perf_counter()
+        server = SubprocessASGIServer()
+        try:
+            server.start(timeout=300)
+        finally:
+            server.stop()
+        return Check("prefect", "ok", f"{prefect.__version__}; the embedded server started in "
+                                      f"{time.perf_counter() - start:.0f} s (database in {PREFECT_HOME.value()})")
+    except Exception as e:  # noqa: BLE001 - the doctor reports, it never crashes
+        return Check("prefect", "fail", f"{type(e).__name__}: {e}")
 
 
 def _report(results: list[dict], unit: str, strict: bool = False) -> None:
