@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: venv browser demo test test-fast bench lint clean
+.PHONY: venv browser demo ui doctor test test-fast bench lint clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	@test -f $(DEMO)/cohort/cohort.yaml || $(BIN)/fusion synth --out $(DEMO)/cohort --patients $(DEMO_PATIENTS)
 	$(BIN)/fusion pipeline configs/demo.yaml
+
+# Prefect's UI on http://127.0.0.1:4200 (the runs `make demo` recorded in .prefect/) and the report files
+# its artifacts link to on :4201; Ctrl-C stops both.
+ui: $(STAMP)
+	$(BIN)/fusion ui
+
+doctor: $(STAMP)
+	$(BIN)/fusion doctor configs/demo.yaml
 
 # The report tests render pages in Debian's Chromium; install it when it is missing.
 browser:

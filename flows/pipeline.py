@@ -28,6 +28,7 @@ from fusion.run import init_run
 from fusion.storage import write_json
 from fusion.train.evaluate import best_network, format_evaluation
 from fusion.train.loop import TrainConfig
+from fusion.ui import files_url, markdown_link
 from fusion.wsi import TilingConfig
 
 
@@ -135,9 +136,21 @@ def summary_markdown(summary: dict) -> str:
                      f"{'' if oracle is None else f'{oracle:.3f}'} |")
     if summary["failed"]:
         lines += ["", "Failed slides:", *[f"- `{f['slide_id']}`: {f['error']}" for f in summary["failed"]]]
+    return "\n".join(lines + _file_links(summary))
+
+
+def _file_links(summary: dict) -> list[str]:
+    """Links to the tiling QC sheets, the cohort report and the patient reports, through `fusion ui`'s
+    file server (browsers refuse file:// links on the UI's page)."""
+    run = Path(summary["run"])
+    sheets = sorted(run.glob("tiles/**/qc.html"))  # one per tile set: tiles/qc.html, tiles/<set>/qc.html
+    lines = [f"Tiling QC: {markdown_link(' '.join(['contact sheet', *p.parent.relative_to(run).parts[1:]]), p)}  "
+             for p in sheets]
     if summary.get("analysis"):
-        lines += ["", f"Cohort analysis: [{summary['analysis']}]({Path(summary['analysis']).as_uri()})"]
+        report = Path(summary["analysis"]) / "report.html"
+        lines.append(f"Cohort analysis: {markdown_link('analysis/report.html', report)}" if report.exists()
+                     else f"Cohort analysis: {markdown_link('analysis/', summary['analysis'])}")
     if summary.get("reports"):
         lines += ["", f"Patient reports ({len(summary['reports'])}):", ""]
-        lines += [f"- [{Path(p).stem}]({Path(p).resolve().as_uri()})" for p in summary["reports"]]
-    return "\n".join(lines)
+        lines += [f"- {markdown_link(Path(p).stem, p)}" for p in summary["reports"]]
+    return ["", f"_Links open through `fusion ui` (file server at {files_url()})._", "", *lines] if lines else []

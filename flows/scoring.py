@@ -31,6 +31,7 @@ from fusion.scoring import (
     subset_cohort,
     unscored,
 )
+from fusion.ui import markdown_link
 
 DEPLOYMENT = "nightly-scoring"
 
@@ -167,14 +168,14 @@ def _fail(inbox, cohort_dir: Path, layout, model: str, reasons: dict[str, str], 
 
 
 def _markdown(result: dict, scores: list[dict]) -> str:
-    reports = {Path(p).stem: Path(p).resolve().as_uri() for p in result["reports"]}
+    reports = {Path(p).stem: p for p in result["reports"]}  # linked through `fusion ui`'s file server
     value = "risk_percentile" if scores and "risk_percentile" in scores[0] else "predicted"
     lines = [f"Batch {result['batch']}: {len(scores)} patient(s) scored into `{result['predictions']}`", "",
              f"| patient | {value} | report |", "|---|---|---|"]
     for s in scores:
         pid = s["patient_id"]
         shown = f"{s[value]:.3f}" if isinstance(s[value], float) else s[value]
-        lines.append(f"| {pid} | {shown} | {f'[report]({reports[pid]})' if pid in reports else ''} |")
+        lines.append(f"| {pid} | {shown} | {markdown_link('report', reports[pid]) if pid in reports else ''} |")
     if result["failed"]:
         lines += ["", "Failed slides: " + ", ".join(f"`{s}`" for s in result["failed"])]
     return "\n".join(lines)

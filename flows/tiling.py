@@ -19,6 +19,7 @@ from flows.progress import bar
 from fusion.run import RunLayout, init_run, open_run
 from fusion.stages import RETRY_DELAYS, fail_missing_slides, slide_batches, slide_rows, tile_one, tiling_is_current
 from fusion.wsi import TilingConfig
+from fusion.wsi.qc import write_contact_sheet
 
 
 def batch_label(slides: list[tuple[str, str]]) -> str:
@@ -66,6 +67,7 @@ def tile_cohort(cohort: str, run: str, tiling: TilingConfig = TilingConfig(), mp
             results[result["slide_id"]] = result
             progress.advance()
     ordered = [results[sid] for sid, _ in slide_rows(cohort_obj)]
+    write_contact_sheet(layout.tiles_dir(tile_set), ordered, cohort_obj.slides)
     done = sum(r["status"] == "done" for r in ordered)
     failed = sum(r["status"] == "failed" for r in ordered)
     get_run_logger().info("tiled %d slides (%d up to date, %d failed), %d tiles", done, len(ordered) - done - failed,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -228,6 +227,7 @@ def _parse_override(text: str) -> tuple[str, float | bool]:
 def _tile_locally(cohort: Path, out: Path, config, mpp: float | None, tile_set: str) -> list[dict]:
     from fusion.run import init_run, open_run
     from fusion.stages import RETRY_DELAYS, fail_missing_slides, slide_rows, tile_one
+    from fusion.wsi.qc import write_contact_sheet
 
     init_run(out, cohort)
     layout, c = open_run(out)
@@ -236,6 +236,7 @@ def _tile_locally(cohort: Path, out: Path, config, mpp: float | None, tile_set: 
         todo = [(sid, path) for sid, path in slide_rows(c) if sid not in c.missing_slides]
         for sid, path in progress.track(todo, description="tiling slides"):
             results.append(tile_one(layout, sid, path, config, mpp, tile_set, retry_delays=RETRY_DELAYS))
+    write_contact_sheet(layout.tiles_dir(tile_set), results, c.slides)
     return results
 
 
@@ -724,6 +725,77 @@ def serve(
         _fail(e)
 
 
+@app.command()
+def ui(
+    root: Annotated[list[Path], typer.Option(help="Serve the run folders under this folder (repeatable; "
+                                             "default: the current folder).")] = [],
+    port: Annotated[int, typer.Option(help="Port of Prefect's UI and API.")] = 4200,
+    files_port: Annotated[int, typer.Option(help="Port of the file server that opens the reports linked "
+                                            "from the UI (pipelines link to 4201 unless FUSION_FILES_URL "
+                                            "says otherwise).")] = 4201,
+) -> None:
+    """Prefect's UI (runs, logs, artifacts) and a file server that opens the reports the artifacts link to.
+
+    Starts `prefect server start` on 127.0.0.1:PORT (its database in $PREFECT_HOME; `make ui` uses
+    the repository's .prefect/, where `make demo` records its runs), or uses a Prefect server already
+    answering there, and serves the files of run folders on 127.0.0.1:FILES_PORT. Runs report to
+    the UI as they happen when the terminal running them has PREFECT_API_URL set (printed below).
+    Ctrl-C stops both servers.
+    """
+    import signal
+    import time
+
+    from fusion.ui import (
+        FILES_URL_ENV,
+        HOST,
+        files_url,
+        prefect_healthy,
+        serve_files,
+        start_prefect_server,
+        stop,
+        wait_for_prefect,
+    )
+
+    api = f"http://{HOST}:{port}/api"
+    server = prefect = None
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even when started where SIGINT is ignored
+    signal.signal(signal.SIGTERM, _interrupt)  # and `kill`: both stop both servers
+    try:
+        server = serve_files(root or [Path.cwd()], files_port)
+        if prefect_healthy(api):
+            console.print(f"a Prefect server already answers on {HOST}:{port}; using it")
+        else:
+            prefect = start_prefect_server(port)
+            with console.status(f"starting Prefect's server on {HOST}:{port} (15-60 s)"):
+                wait_for_prefect(api, prefect)
+        files = f"http://{HOST}:{files_port}"
+        console.print(f"\nPrefect UI    [bold]http://{HOST}:{port}[/]  (runs, logs; each run's artifacts link "
+                      "its reports)")
+        console.print(f"report files  [bold]{files}[/]  (run folders under "
+                      f"{', '.join(str(p.resolve()) for p in root or [Path.cwd()])})")
+        console.print(f"\nIn the terminal that runs pipelines, so that their runs appear here as they happen:\n"
+                      f"  export PREFECT_API_URL={api}")
+        if files != files_url():
+            console.print(f"  export {FILES_URL_ENV}={files}")
+        console.print("Ctrl-C stops both servers.")
+        while prefect is None or prefect.poll() is None:
+            time.sleep(1)
+        raise FusionError(f"Prefect's server exited with code {prefect.returncode}")
+    except KeyboardInterrupt:
+        console.print("stopping")
+    except FusionError as e:
+        _fail(e)
+    finally:
+        if server is not None:
+            server.stop()
+        if prefect is not None:
+            stop(prefect)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def _print_summary(summary: dict) -> None:
     done, skipped = summary["slides_done"], summary["slides_skipped"]
     console.print(f"\nrun folder: [bold]{summary['run']}[/]  ({summary['slides']} slides, {summary['tiles']} tiles; "
@@ -748,37 +820,82 @@ def _print_summary(summary: dict) -> None:
 
 
 @app.command()
-def doctor() -> None:
-    """Report the environment: Python, openslide, torch/CUDA, Prefect, encoders and models."""
-    from fusion.features import available_encoders
-    from fusion.models import available_models
+def doctor(
+    config: Annotated[Path | None, typer.Argument(help="Also check what this pipeline config needs: its cohort, "
+                                                  "models, encoders' weights and room for its run.")] = None,
+) -> None:
+    """Check everything a run needs by doing it once; list every model, baseline and encoder.
 
-    table = Table("component", "status")
-    table.add_row("python", platform.python_version())
-    try:
-        import openslide
+    Python, openslide (reads a tiled TIFF), torch and CUDA, Chromium (started headless, prints a PDF),
+    Prefect (the server pipelines will use answers, or the embedded one starts), the working folder
+    and its free space. Exits 1 when a check fails.
+    """
+    from fusion.doctor import config_checks, encoder_rows, environment_checks, model_rows
 
-        table.add_row("openslide", f"{openslide.__library_version__} (python {openslide.__version__})")
-    except Exception as e:  # noqa: BLE001 - doctor reports, never crashes
-        table.add_row("openslide", f"[red]missing: {e}[/] (pip install openslide-bin openslide-python)")
-    import torch
+    cfg = None
+    with console.status("checking (Chromium and Prefect's server start once: up to a minute)"):
+        if config is not None:
+            from fusion.pipeline_config import load_pipeline_config
 
-    cuda = "no GPU: CPU"
-    if torch.cuda.is_available():
-        cuda = f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s)"
-    table.add_row("torch", f"{torch.__version__} ({cuda}, {torch.get_num_threads()} threads)")
+            try:
+                cfg = load_pipeline_config(config)
+            except (FusionError, ValueError) as e:
+                _fail(e)
+        checks = environment_checks(Path.cwd(), pdf_needed=bool(cfg and cfg.report.enabled and cfg.report.pdf))
+        checks.append(_check_prefect())
+        if cfg is not None:
+            checks += config_checks(cfg)
+    colour = {"ok": "green", "warn": "yellow", "fail": "bold red"}
+    table = Table("check", "status", "detail", title="fusion doctor")
+    for c in checks:
+        table.add_row(c.name, f"[{colour[c.status]}]{c.status}[/]", c.detail)
+    console.print(table)
+    trained = {m.model for m in cfg.models} if cfg else set()
+    models = Table("model", "kind", "reads", *(["in config"] if cfg else []), title="models and baselines")
+    for name, kind, reads in model_rows():
+        models.add_row(name, kind, reads, *(["yes" if name in trained else ""] if cfg else []))
+    console.print(models)
+    encoders = Table("encoder", "needs", title="encoders")
+    for name, needs in encoder_rows(cfg.run if cfg else None):
+        encoders.add_row(name, needs)
+    console.print(encoders)
+    failed = [c.name for c in checks if c.status == "fail"]
+    if failed:
+        err.print(f"[bold red]{len(failed)} check(s) failed:[/] {', '.join(failed)}")
+        raise typer.Exit(1)
+
+
+def _check_prefect():
+    """The Prefect API pipelines will use: the server PREFECT_API_URL names answers, or the embedded one starts
+    (here, not in fusion.doctor: only the CLI imports Prefect)."""
+    import time
+
+    from fusion.doctor import Check
+
     try:
         import prefect
+        from prefect.settings import PREFECT_API_URL, PREFECT_HOME
 
-        table.add_row("prefect", prefect.__version__)
-    except Exception as e:  # noqa: BLE001
-        table.add_row("prefect", f"[red]missing: {e}[/]")
-    table.add_row("encoders", ", ".join(available_encoders()))
-    from fusion.models.registry import model_options
+        from fusion.ui import prefect_healthy
 
-    table.add_row("models", ", ".join(f"{m} ({', '.join(model_options(m))})" if model_options(m) else m
-                                      for m in available_models()))
-    console.print(table)
+        url = PREFECT_API_URL.value()
+        if url:
+            if prefect_healthy(url, timeout=10):
+                return Check("prefect", "ok", f"{prefect.__version__}; the server at PREFECT_API_URL={url} answers")
+            return Check("prefect", "fail", f"{prefect.__version__}; nothing answers at PREFECT_API_URL={url}: "
+                                            "start it (`fusion ui`) or unset PREFECT_API_URL")
+        from prefect.server.api.server import SubprocessASGIServer
+
+        start = time.perf_counter()
+        server = SubprocessASGIServer()
+        try:
+            server.start(timeout=300)
+        finally:
+            server.stop()
+        return Check("prefect", "ok", f"{prefect.__version__}; the embedded server started in "
+                                      f"{time.perf_counter() - start:.0f} s (database in {PREFECT_HOME.value()})")
+    except Exception as e:  # noqa: BLE001 - the doctor reports, it never crashes
+        return Check("prefect", "fail", f"{type(e).__name__}: {e}")
 
 
 def _report(results: list[dict], unit: str, strict: bool = False) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 
 from fusion.errors import SlideReadError
 from fusion.storage import atomic_path, file_fingerprint, hash_config
+from fusion.wsi.qc import QC_LONG_SIDE, QCCaption, qc_picture, write_qc_picture
 from fusion.wsi.slide import Slide, open_slide
 from fusion.wsi.tissue import TissueConfig, segment
 
@@ -169,8 +170,12 @@ def tile_slide(
             "tiler_version": TILER_VERSION,
         }
         write_coords(h5_path, grid.coords, attrs, tissue_fraction=grid.tissue_fraction)
-        write_qc_image(qc_path, seg_rgb, mask, grid.coords / seg_downsample,
-                       grid.patch_size_level0 / seg_downsample)
+        qc_rgb, qc_downsample = qc_image(slide, seg_rgb, seg_downsample)
+        caption = QCCaption(slide_id, len(grid.coords), config.patch_size, config.target_mpp,
+                            attrs["tissue_area_mm2"], attrs["ink_area_mm2"])
+        write_qc_picture(qc_path, qc_picture(qc_rgb, slide.mpp * qc_downsample, mask, ink,
+                                             grid.coords / qc_downsample, grid.patch_size_level0 / qc_downsample,
+                                             caption))
     return {"slide_id": slide_id, "n_tiles": int(len(grid.coords)), "skipped": False,
             "inputs_hash": inputs_hash, "outputs": [str(h5_path), str(qc_path)],
             "tissue_area_mm2": attrs["tissue_area_mm2"]}
@@ -207,43 +212,9 @@ def read_coords(path: str | Path) -> tuple[np.ndarray, dict]:
     return coords, attrs
 
 
-def write_qc_image(path: Path, rgb: np.ndarray, mask: np.ndarray, coords: np.ndarray, size: float,
-                   max_side: int = 800) -> None:
-    """Thumbnail with the tissue contour (green) and the tile grid (blue), at most about `max_side` px."""
-    shrink = -(-max(rgb.shape[:2]) // max_side)  # a whole factor: cv2's area shrink is 3x faster then
-    scale = 1.0 / shrink
-    h, w = rgb.shape[0] // shrink, rgb.shape[1] // shrink
-    img = rgb.copy() if shrink == 1 else cv2.resize(rgb[: h * shrink, : w * shrink], (w, h),
-                                                     interpolation=cv2.INTER_AREA)
-    small = cv2.resize(mask.astype(np.uint8), (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST)
-    contours, _ = cv2.findContours(small, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-    if len(coords):
-        xy = np.asarray(coords, float) * scale
-        img[_outlines(img.shape[:2], xy, size * scale)] = (40, 90, 220)
-    cv2.drawContours(img, contours, -1, (20, 170, 60), 2)
-    # One fixed PNG filter, not libpng's per-row search: 40 % faster, files as small (slide noise compresses badly)
-    ok, png = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
-                           [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP])
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(png.tobytes())
-
-
-def _outlines(shape: tuple[int, int], xy: np.ndarray, size: float) -> np.ndarray:
-    """Boolean image of every tile's 1-px outline, drawn at once with difference arrays
-    (a Python loop of cv2.rectangle costs more than the whole segmentation on large slides)."""
-    h, w = shape
-    x0 = np.clip(xy[:, 0].astype(int), 0, w - 1)
-    y0 = np.clip(xy[:, 1].astype(int), 0, h - 1)
-    x1 = np.clip((xy[:, 0] + size).astype(int), 0, w - 1)
-    y1 = np.clip((xy[:, 1] + size).astype(int), 0, h - 1)
-    ones = np.ones(len(xy))
-    # horizontal edges: +1 where a segment starts, -1 after it ends (np.bincount: far faster than np.add.at)
-    starts = np.concatenate([y0 * (w + 1) + x0, y1 * (w + 1) + x0])
-    ends = np.concatenate([y0 * (w + 1) + x1 + 1, y1 * (w + 1) + x1 + 1])
-    rows = (np.bincount(starts, np.tile(ones, 2), h * (w + 1))
-            - np.bincount(ends, np.tile(ones, 2), h * (w + 1))).reshape(h, w + 1)
-    starts = np.concatenate([y0 * w + x0, y0 * w + x1])
-    ends = np.concatenate([(y1 + 1) * w + x0, (y1 + 1) * w + x1])
-    cols = (np.bincount(starts, np.tile(ones, 2), (h + 1) * w)
-            - np.bincount(ends, np.tile(ones, 2), (h + 1) * w)).reshape(h + 1, w)
-    return (np.cumsum(rows, 1)[:, :w] > 0) | (np.cumsum(cols, 0)[:h] > 0)
+def qc_image(slide: Slide, seg_rgb: np.ndarray, seg_downsample: float) -> tuple[np.ndarray, float]:
+    """The slide at about QC_LONG_SIDE px on its long side and its downsample from level 0: the
+    segmentation image when it is that large (big slides), else a finer read of the pyramid."""
+    if max(seg_rgb.shape[:2]) >= QC_LONG_SIDE:
+        return seg_rgb, seg_downsample
+    return segmentation_image(slide, max(slide.dimensions) * slide.mpp / QC_LONG_SIDE)
