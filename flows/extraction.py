@@ -20,7 +20,7 @@ from flows.progress import bar
 from flows.tiling import batch_label
 from fusion.features import ExtractConfig
 from fusion.features.extract import pick_device
-from fusion.run import RunLayout, open_run
+from fusion.run import RunLayout, clean_partials, open_run
 from fusion.stages import (
     RETRY_DELAYS,
     build_encoders,
@@ -83,6 +83,7 @@ def extract_cohort(run: str, encoders: list[str], config: ExtractConfig = Extrac
                    ) -> list[dict]:
     """Features of every tiled slide (or of `slides`) for each encoder; one status dict per slide."""
     layout, cohort = open_run(run)
+    clean_partials(layout)  # features files half-written by a killed process
     built = build_encoders(encoders, layout)  # names and versions, to plan without starting a task
     wanted = None if slides is None else set(slides)
     rows = [(sid, path) for sid, path in slide_rows(cohort) if wanted is None or sid in wanted]

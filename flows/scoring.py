@@ -18,7 +18,8 @@ from prefect.cache_policies import NO_CACHE
 from flows.extraction import extract_cohort
 from flows.runners import dask_cluster, slide_task_runner
 from flows.tiling import tile_cohort
-from fusion.pipeline_config import PipelineConfigError, load_pipeline_config
+from fusion.pipeline_config import load_pipeline_config
+from fusion.preflight import check_serve
 from fusion.run import init_run, open_run
 from fusion.scoring import (
     intake_inbox,
@@ -26,20 +27,31 @@ from fusion.scoring import (
     model_encoder,
     move_to_failed,
     release_inbox,
+    released_patients,
     retract,
     scored,
     subset_cohort,
     unscored,
 )
+from fusion.storage import Ledger
 from fusion.ui import markdown_link
 
 DEPLOYMENT = "nightly-scoring"
 
 
 @task(name="intake", cache_policy=NO_CACHE)
-def intake_task(inbox: str, cohort_dir: str, template: str, batch: str) -> dict:
-    intake = intake_inbox(inbox, cohort_dir, template, batch)
-    return {"arrived": intake.arrived, "failed": intake.failed}
+def intake_task(inbox: str, cohort_dir: str, template: str, batch: str, run_dir: str) -> dict:
+    """The inbox's new patients into the scoring cohort; every refusal and warning gets a ledger line."""
+    ledger = Ledger(Path(run_dir) / "ledger.jsonl")
+    intake = intake_inbox(inbox, cohort_dir, template, batch, released=released_patients(ledger))
+    for pid, why in intake.failed.items():
+        status = "refused" if pid in intake.scored_before else "failed"
+        ledger.record("serve", pid, status, stage="intake", error=why, batch=batch)
+    for pid, why in intake.warnings.items():
+        ledger.record("serve", pid, "warning", stage="intake", warning=why, batch=batch)
+        get_run_logger().warning("%s", why)
+    return {"arrived": intake.arrived, "failed": intake.failed, "scored_before": intake.scored_before,
+            "warnings": intake.warnings}
 
 
 @task(name="score", cache_policy=NO_CACHE)
@@ -74,21 +86,19 @@ def score_inbox(config_path: str) -> dict:
     """Take the inbox's new patients into the scoring cohort, score every unscored patient, write
     reports, then let the inbox forget the patients whose results are written."""
     config = load_pipeline_config(config_path)
-    if config.serve is None:
-        raise PipelineConfigError(f"{config_path} has no `serve:` section (inbox, workdir, model)")
+    model_dir = check_serve(config, config_path)  # a missing inbox is an error, never an empty inbox
     serve = config.serve
-    model_dir = config.run / "models" / (serve.model or config.models[0].folder)
-    if not (model_dir / "fold-0" / "config.json").exists():
-        raise PipelineConfigError(f"no trained model in {model_dir}; run `fusion pipeline {config_path}` first")
     encoder, tile_set = model_encoder(model_dir)
     cohort_dir, run_dir = serve.workdir / "cohort", serve.workdir / "run"
     batch = time.strftime("%Y%m%dT%H%M%S")
-    result = {"batch": batch, "arrived": [], "patients": [], "reports": [], "failed": [], "failed_patients": {}}
+    result = {"batch": batch, "arrived": [], "patients": [], "reports": [], "failed": [], "failed_patients": {},
+              "scored_before": {}, "warnings": {}}
 
-    intake = intake_task(str(serve.inbox), str(cohort_dir), str(config.cohort), batch)
-    result.update(arrived=intake["arrived"], failed_patients=dict(intake["failed"]))
+    intake = intake_task(str(serve.inbox), str(cohort_dir), str(config.cohort), batch, str(run_dir))
+    result.update(arrived=intake["arrived"], failed_patients=dict(intake["failed"]),
+                  scored_before=intake["scored_before"], warnings=intake["warnings"])
     if not (cohort_dir / "cohort.yaml").exists():
-        print("inbox empty and nothing scored yet")
+        print(f"inbox {serve.inbox} empty and nothing scored yet")
         return result
     run = str(init_run(run_dir, cohort_dir).root)
     layout, cohort = open_run(run)
@@ -110,7 +120,7 @@ def score_inbox(config_path: str) -> dict:
     done = scored(layout, model_dir.name)
     if serve.reports:
         done = {p for p in done if layout.report_path(p).exists()}
-    released = release_inbox(serve.inbox, done)
+    released = release_inbox(serve.inbox, done, layout.ledger, batch)
     layout.ledger.record("serve", batch, "done", arrived=result["arrived"], scored=todo, released=released,
                          failed=result["failed_patients"])
     if result.get("predictions"):
@@ -189,7 +199,7 @@ def serve_scoring(config_path: str | Path, cron: str, name: str = DEPLOYMENT, wo
     this source folder.
     """
     config_path = str(Path(config_path).resolve())
-    load_pipeline_config(config_path)  # fail now, not at 2 a.m.
+    check_serve(load_pipeline_config(config_path), config_path)  # fail now, not at 2 a.m.
     options = {"name": name, "cron": cron, "parameters": {"config_path": config_path},
                "description": f"score new patients of the inbox named in {config_path}"}
     if work_pool is None:

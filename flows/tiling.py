@@ -16,7 +16,7 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.progress import bar
-from fusion.run import RunLayout, init_run, open_run
+from fusion.run import RunLayout, start_run
 from fusion.stages import RETRY_DELAYS, fail_missing_slides, slide_batches, slide_rows, tile_one, tiling_is_current
 from fusion.wsi import TilingConfig
 from fusion.wsi.qc import write_contact_sheet
@@ -46,8 +46,7 @@ def tile_cohort(cohort: str, run: str, tiling: TilingConfig = TilingConfig(), mp
                 tile_set: str = "", slides_per_task: int | None = None) -> list[dict]:
     """Tile every slide of `cohort` into `run`/tiles[/<tile_set>]; returns one status dict per slide
     (status 'skipped' for a slide that was already tiled the same way)."""
-    layout = init_run(run, cohort)
-    _, cohort_obj = open_run(layout.root)
+    layout, cohort_obj = start_run(run, cohort)
     results = {r["slide_id"]: r for r in fail_missing_slides(layout, cohort_obj, "tile", tile_set)}
     todo = []
     for sid, path in slide_rows(cohort_obj):

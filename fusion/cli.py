@@ -98,17 +98,24 @@ def synth(
                                                   "tumour (spatial context); 0 = off.")] = 0.0,
     scale_signal: Annotated[float, typer.Option(help="Weight of a risk seen only at low magnification (tumour "
                                                 "gathered or dispersed); 0 = off.")] = 0.0,
+
+
+    id_prefix: Annotated[str, typer.Option(help="Patient ids are PREFIX + a 4-digit number; new patients to score "
+                                           "need ids no training cohort uses (e.g. --id-prefix N).")] = "P",
+    id_offset: Annotated[int, typer.Option(help="First patient number (e.g. 250 after a 250-patient cohort).")] = 0,
 ) -> None:
     """Generate a synthetic cohort: pyramidal H&E-like slides, genomics, clinical data, outcomes.
 
     Ground truth (true risk, tissue and morphology maps) goes to OUT/truth/, outside the tables.
+    For new patients to score with a model trained on another synthetic cohort, use another
+    --seed and --id-prefix (or --id-offset), so that no id names two patients.
     """
     from fusion.synth import SynthConfig, synthesize_cohort
 
     config = SynthConfig(patients=patients, seed=seed, slide_px=slide_px, mpp=mpp,
                          missing_genomics=missing_genomics, missing_slides=missing_slides, workers=workers,
                          pen_prob=pen_prob, debris=debris, region_um=region_um, context_signal=context_signal,
-                         scale_signal=scale_signal)
+                         scale_signal=scale_signal, id_prefix=id_prefix, id_offset=id_offset)
     with console.status(f"rendering {patients} patients' slides into {out}"):
         synthesize_cohort(out, config)
     console.print(f"cohort written to [bold]{out}[/]")
@@ -188,6 +195,8 @@ def tile(
     Runs as a Prefect flow with one task per slide; a rerun skips slides already tiled with the
     same content and parameters. A slide that cannot be read is reported and the others go on.
     """
+    from fusion.cohort import check_id
+    from fusion.run import start_run
     from fusion.wsi import TilingConfig
     from fusion.wsi.tissue import preset as tissue_preset
 
@@ -196,8 +205,12 @@ def tile(
         config = TilingConfig(target_mpp=10.0 / magnification if magnification else target_mpp,
                               patch_size=patch_size, min_tissue=min_tissue, overlap=overlap,
                               tissue=tissue_preset(preset, **overrides))
+        if tile_set:
+            check_id(tile_set, "--set")
+        # Check first, bind after, and both before Prefect starts (seconds): a mistyped path is one line.
+        layout, c = start_run(out, cohort)
         if local:
-            results = _tile_locally(cohort, out, config, mpp, tile_set)
+            results = _tile_locally(layout, c, config, mpp, tile_set)
         else:
             from flows.progress import show_progress
             from flows.runners import dask_cluster, slide_task_runner
@@ -224,13 +237,10 @@ def _parse_override(text: str) -> tuple[str, float | bool]:
         raise ValueError(f"--tissue {name}: '{value}' is not a number") from None
 
 
-def _tile_locally(cohort: Path, out: Path, config, mpp: float | None, tile_set: str) -> list[dict]:
-    from fusion.run import init_run, open_run
+def _tile_locally(layout, c, config, mpp: float | None, tile_set: str) -> list[dict]:
     from fusion.stages import RETRY_DELAYS, fail_missing_slides, slide_rows, tile_one
     from fusion.wsi.qc import write_contact_sheet
 
-    init_run(out, cohort)
-    layout, c = open_run(out)
     results = fail_missing_slides(layout, c, "tile", tile_set)
     with _progress() as progress:
         todo = [(sid, path) for sid, path in slide_rows(c) if sid not in c.missing_slides]
@@ -254,11 +264,12 @@ def extract(
 ) -> None:
     """Encode every tile with the chosen encoder(s) into RUN/features/<encoder>/<slide>.h5."""
     from fusion.features import ExtractConfig
-    from fusion.run import open_run
+    from fusion.run import clean_partials, open_run
     from fusion.stages import RETRY_DELAYS, build_encoders, extract_one, fail_missing_slides, slide_rows
 
     try:
         layout, c = open_run(run)
+        clean_partials(layout)
         encoders = build_encoders(encoder, layout)
     except (FusionError, ValueError) as e:
         _fail(e)
@@ -435,6 +446,13 @@ def predict(
     except (FusionError, ValueError) as e:
         _fail(e)
     console.print(f"{len(table)} patient(s) scored with {model_dir.name} ({table.folds.iat[0]} folds) -> {target}")
+    from fusion.scoring import trained_on
+
+    seen = trained_on(model_dir, table.patient_id)
+    if seen:
+        err.print(f"[yellow]warning:[/] {len(seen)} of these patient id(s) are patients the model was trained on "
+                  f"({escape(', '.join(seen[:5]))}{', ...' if len(seen) > 5 else ''}): if they are the same patients, "
+                  "their scores are optimistic; if not, give new patients ids of their own", highlight=False)
 
 
 @app.command()
@@ -623,19 +641,25 @@ def run_pipeline(
 
     For several models, the cohort analysis and patient reports, use `fusion pipeline CONFIG.yaml`.
     """
-    from flows.pipeline import pipeline
-    from flows.progress import show_progress
-    from flows.runners import dask_cluster
-    from flows.server import prefect_api
+    from fusion.preflight import check_encoders
+    from fusion.run import start_run
     from fusion.train.loop import TrainConfig
     from fusion.wsi import TilingConfig
 
     try:
+        # Everything that can be checked is checked before Prefect starts; the run is bound last.
+        tiling = TilingConfig(target_mpp=target_mpp, patch_size=patch_size)
+        train = TrainConfig(model=model, encoder=encoder, folds=folds, epochs=epochs, seed=seed)
+        check_encoders(encoder.split("+"))
+        start_run(out, cohort)
+        from flows.pipeline import pipeline
+        from flows.progress import show_progress
+        from flows.runners import dask_cluster
+        from flows.server import prefect_api
+
         with prefect_api(), dask_cluster(dask_workers, dask_address) as address, show_progress(console):
-            summary = pipeline(str(cohort), str(out),
-                               tiling=TilingConfig(target_mpp=target_mpp, patch_size=patch_size),
-                               train=TrainConfig(model=model, encoder=encoder, folds=folds, epochs=epochs, seed=seed),
-                               workers=workers, dask_address=address)
+            summary = pipeline(str(cohort), str(out), tiling=tiling, train=train, workers=workers,
+                               dask_address=address)
     except (FusionError, ValueError) as e:
         _fail(e)
     ev = summary["evaluation"]
@@ -666,13 +690,16 @@ def pipeline_cmd(
     its outputs): after one slide is added, that slide is tiled and encoded and the models retrain;
     with nothing changed, nothing is recomputed.
     """
-    from flows.pipeline import pipeline_from_config
-    from flows.progress import show_progress
-    from flows.server import prefect_api
     from fusion.pipeline_config import load_pipeline_config
+    from fusion.preflight import check_pipeline
 
     try:
         cfg = load_pipeline_config(config, dask_address=dask_address, dask_workers=dask_workers)
+        check_pipeline(cfg)  # the cohort, encoders, models and patients it names; then the run is bound
+        from flows.pipeline import pipeline_from_config
+        from flows.progress import show_progress
+        from flows.server import prefect_api
+
         with prefect_api(), show_progress(console):
             summary = pipeline_from_config(cfg)
     except (FusionError, ValueError) as e:
@@ -700,19 +727,19 @@ def serve(
     them. Schedules need a Prefect server (`prefect server start`, PREFECT_API_URL set); the
     process serves until stopped with Ctrl-C. `--once` runs one scoring now, on any Prefect setup.
     """
-    from flows.progress import show_progress
-    from flows.scoring import score_inbox, serve_scoring
-    from flows.server import prefect_api
+    from fusion.pipeline_config import load_pipeline_config
+    from fusion.preflight import check_serve
 
     try:
+        check_serve(load_pipeline_config(config), config)  # a missing inbox or model: one line, before Prefect
+        from flows.progress import show_progress
+        from flows.scoring import score_inbox, serve_scoring
+        from flows.server import prefect_api
+
         if once:
             with prefect_api(), show_progress(console):
                 result = score_inbox(str(config.resolve()))
-            console.print(f"{len(result['patients'])} patient(s) scored"
-                          + (f" into {result['predictions']}" if result["patients"] else ""))
-            for pid, why in sorted(result["failed_patients"].items()):
-                err.print(f"[yellow]failed[/] {escape(pid)}: {escape(why)} (moved to the inbox's failed/"
-                          f"{result['batch']}/)", highlight=False)
+            _print_scoring(result)
             return
         if work_pool:
             serve_scoring(config, cron, name, work_pool)
@@ -794,6 +821,18 @@ def ui(
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+def _print_scoring(result: dict) -> None:
+    """What one scoring of the inbox did: every patient scored, refused or failed, and each warning."""
+    console.print(f"{len(result['patients'])} patient(s) scored"
+                  + (f" into {result['predictions']}" if result["patients"] else ""))
+    for pid, why in sorted(result.get("warnings", {}).items()):
+        err.print(f"[yellow]warning[/] {escape(pid)}: {escape(why)}", highlight=False)
+    for pid, why in sorted(result["failed_patients"].items()):
+        what = "refused" if pid in result.get("scored_before", {}) else "failed"
+        err.print(f"[yellow]{what}[/] {escape(pid)}: {escape(why)} (moved to the inbox's failed/{result['batch']}/)",
+                  highlight=False)
 
 
 def _print_summary(summary: dict) -> None:

@@ -15,6 +15,7 @@ the cohort; `strict=True` makes it one.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,9 +173,14 @@ def _first_line(e: BaseException) -> str:
 
 
 def load_spec(root: Path) -> CohortSpec:
+    """The validated `cohort.yaml` of `root`; a missing folder or file names the closest one that exists."""
     path = root / COHORT_FILE
+    if not root.is_dir():
+        raise CohortError(str(root), [f"the folder does not exist{folder_hint(root, COHORT_FILE)}"])
     if not path.is_file():
-        raise CohortError(str(root), [f"{COHORT_FILE} not found in {root}"])
+        inside = sorted(p.name for p in root.iterdir() if (p / COHORT_FILE).is_file())
+        hint = f" (did you mean {root / inside[0]}?)" if len(inside) == 1 else ""
+        raise CohortError(str(root), [f"{COHORT_FILE} not found in {root}{hint}"])
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
         if not isinstance(raw, dict):
@@ -185,8 +191,37 @@ def load_spec(root: Path) -> CohortSpec:
     except yaml.YAMLError as e:
         raise CohortError(str(path), [f"not valid YAML: {_shown(str(e), 200)}"]) from None
     except ValidationError as e:
-        problems = [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
-        raise CohortError(str(path), problems) from None
+        raise CohortError(str(path), [_spec_problem(err) for err in e.errors()]) from None
+
+
+def did_you_mean(word: str, candidates, what: str = "") -> str:
+    """' (did you mean 'x'?)' naming the candidate closest to a mistyped `word`, or '' when none is close."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
+    return f" (did you mean {what}'{close[0]}'?)" if close else ""
+
+
+def folder_hint(folder: Path, marker: str | None = None) -> str:
+    """' (did you mean /x/cohort?)' for a mistyped folder whose parent holds a folder of a close name
+    (one holding `marker`, when given); '' when there is none."""
+    parent = Path(folder).parent
+    if not parent.is_dir():
+        return ""
+    names = [p.name for p in parent.iterdir() if p.is_dir() and (marker is None or (p / marker).is_file())]
+    close = difflib.get_close_matches(Path(folder).name, names, n=1, cutoff=0.6)
+    return f" (did you mean {parent / close[0]}?)" if close else ""
+
+
+# The settings each section of cohort.yaml takes, to name the closest one to a mistyped key.
+_SECTIONS = {(): CohortSpec, ("tables",): Tables, ("outcome",): Outcome, ("intended_use",): IntendedUse}
+
+
+def _spec_problem(err: dict) -> str:
+    loc = tuple(map(str, err["loc"]))
+    problem = f"{'.'.join(loc)}: {err['msg']}"
+    section = _SECTIONS.get(loc[:-1])
+    if err["type"] == "extra_forbidden" and section is not None:
+        problem += did_you_mean(loc[-1], section.model_fields)
+    return problem
 
 
 def load_cohort(root: str | Path, *, check_files: bool = True, strict: bool = False,
@@ -253,8 +288,18 @@ def _line(i: int) -> str:
     return f"line {i + 2}"  # header is line 1
 
 
-def _missing_columns(df: pd.DataFrame, needed: list[str], table: str) -> list[str]:
-    return [f"{table}: missing column '{c}'" for c in needed if c not in df.columns]
+def _missing_columns(df: pd.DataFrame, needed: list[str] | dict[str, str], table: str) -> list[str]:
+    """A problem per needed column the table lacks; `needed` may map each column to the cohort.yaml
+    setting that names it. Each names the table's closest column, for a typo on either side."""
+    origin = needed if isinstance(needed, dict) else {}
+    present = [str(c) for c in df.columns]
+    problems = []
+    for c in needed:
+        if c in df.columns:
+            continue
+        named = f" (named by {origin[c]} in {COHORT_FILE})" if origin.get(c) else ""
+        problems.append(f"{table}: missing column '{c}'{named}{did_you_mean(c, present)}")
+    return problems
 
 
 def _duplicates(df: pd.DataFrame, col: str, table: str) -> list[str]:
@@ -288,9 +333,10 @@ def _bad_ids(df: pd.DataFrame, col: str, table: str) -> list[str]:
 def _check_patients(df: pd.DataFrame, spec: CohortSpec) -> list[str]:
     t = spec.tables.patients
     time_col, event_col = spec.outcome.time, spec.outcome.event
-    needed = ["patient_id", time_col, event_col, *spec.clinical]
+    needed = {"patient_id": "", time_col: "outcome.time", event_col: "outcome.event",
+              **{c: "clinical" for c in spec.clinical}}
     if spec.label:
-        needed.append(spec.label)
+        needed[spec.label] = "label"
     problems = _missing_columns(df, needed, t)
     if "patient_id" in df.columns:
         problems += _blank_ids(df, "patient_id", t) + _bad_ids(df, "patient_id", t) + _duplicates(df, "patient_id", t)
@@ -361,7 +407,7 @@ def _check_genomics(df: pd.DataFrame, spec: CohortSpec, patients: pd.DataFrame |
         return problems
     problems += _duplicates(df, "patient_id", t)
     if spec.genomics != "all":
-        problems += [f"{t}: missing gene column '{c}' (listed in {COHORT_FILE})"
+        problems += [f"{t}: missing gene column '{c}' (listed in {COHORT_FILE}){did_you_mean(c, df.columns)}"
                      for c in spec.genomics if c not in df.columns]
     known = set(patients["patient_id"]) if patients is not None and "patient_id" in patients else None
     for i, pid in enumerate(df["patient_id"]):

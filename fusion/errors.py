@@ -13,8 +13,11 @@ class CohortError(FusionError, ValueError):
     def __init__(self, source: str, problems: list[str]):
         self.source = source
         self.problems = list(problems)
+        if len(self.problems) == 1:  # one problem, one line
+            super().__init__(f"cohort {source}: {self.problems[0]}")
+            return
         lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"cohort {source} has {len(self.problems)} problem(s):\n{lines}")
+        super().__init__(f"cohort {source} has {len(self.problems)} problems:\n{lines}")
 
 
 class SlideReadError(FusionError, OSError):

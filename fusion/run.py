@@ -11,9 +11,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from fusion.cohort import Cohort, check_id, load_cohort
+from fusion.cohort import COHORT_FILE, Cohort, check_id, load_cohort
 from fusion.errors import RunError
-from fusion.storage import Ledger, write_json
+from fusion.storage import Ledger, sweep_partials, write_json
 
 RUN_FILE = "run.json"
 
@@ -76,18 +76,49 @@ class RunLayout:
 
 
 def init_run(run: str | Path, cohort_dir: str | Path) -> RunLayout:
-    """Create (or reopen) a run folder bound to a cohort; a run never changes cohort."""
+    """Create (or reopen) a run folder bound to a cohort, once the cohort is valid (see `start_run`)."""
+    return start_run(run, cohort_dir)[0]
+
+
+def start_run(run: str | Path, cohort_dir: str | Path | Cohort) -> tuple[RunLayout, Cohort]:
+    """Validate the cohort, then create (or reopen) the run folder bound to it; a run never changes cohort.
+
+    Check first, bind after: a mistyped cohort path or an invalid cohort raises here and writes
+    nothing, so the corrected command is not refused. A run that an earlier version bound to a
+    folder that does not exist, and that holds nothing else, is bound to the valid cohort instead.
+    Temporary files left by killed processes are cleared (`clean_partials`). `cohort_dir` may be
+    a cohort already validated.
+    """
     layout = RunLayout(Path(run).resolve())
-    cohort_dir = str(Path(cohort_dir).resolve())
+    cohort = cohort_dir if isinstance(cohort_dir, Cohort) else load_cohort(cohort_dir)
+    target = str(cohort.root)
     meta_path = layout.root / RUN_FILE
-    if meta_path.exists():
-        meta = _read_meta(meta_path)
-        if meta.get("cohort") != cohort_dir:
-            raise RunError(f"run {layout.root} belongs to cohort {meta.get('cohort')}, not {cohort_dir}; "
-                           "use a new --out folder for another cohort")
-    else:
-        write_json(meta_path, {"cohort": cohort_dir})
-    return layout
+    bound = _read_meta(meta_path)["cohort"] if meta_path.exists() else None
+    if bound is not None and bound != target and not _never_started(layout, bound):
+        raise RunError(f"run {layout.root} belongs to cohort {bound}, not {target}; "
+                       "use a new --out folder for another cohort")
+    if bound != target:
+        write_json(meta_path, {"cohort": target})
+        if bound is not None:
+            layout.ledger.record("run", str(layout.root), "rebound", cohort=target, was=bound)
+    clean_partials(layout)
+    return layout, cohort
+
+
+def _never_started(layout: RunLayout, bound: str) -> bool:
+    """A run bound to a folder that is not a cohort and holding nothing but its binding (and a ledger)."""
+    if (Path(bound) / COHORT_FILE).is_file():
+        return False
+    return {p.name for p in layout.root.iterdir()} <= {RUN_FILE, "ledger.jsonl"}
+
+
+def clean_partials(layout: RunLayout) -> list[str]:
+    """Delete temporary files under the run that no live process will finish (see
+    `fusion.storage.sweep_partials`); each is named in the ledger. Returns them, relative to the run."""
+    removed = [str(p.relative_to(layout.root)) for p in sweep_partials(layout.root)]
+    if removed:
+        layout.ledger.record("cleanup", "partials", "done", removed=removed)
+    return removed
 
 
 def open_run(run: str | Path) -> tuple[RunLayout, Cohort]:

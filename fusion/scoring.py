@@ -29,7 +29,7 @@ import pandas as pd
 from fusion.cohort import COHORT_FILE, Cohort, CohortSpec, load_cohort, load_spec, read_table
 from fusion.errors import CohortError
 from fusion.run import RunLayout
-from fusion.storage import atomic_path, read_json, write_table, write_text
+from fusion.storage import Ledger, atomic_path, read_json, sweep_partials, write_table, write_text
 
 FAILED = "failed"  # INBOX/failed/<batch>/: the rows and files of patients that failed, and reason.txt
 _ROLES = ("slides", "patients", "genomics")
@@ -39,25 +39,32 @@ _SAFE_SUFFIX = re.compile(r"(\.[A-Za-z0-9]{1,8}){0,3}")
 
 @dataclasses.dataclass
 class Intake:
-    """What intake did: patients that came in, and patients refused (id -> reason)."""
+    """What intake did: patients that came in, patients refused (id -> reason; they moved to
+    INBOX/failed/<batch>/), among them those scored before (`scored_before`), and warnings (id -> text)."""
 
     arrived: list[str]
     failed: dict[str, str]
+    scored_before: dict[str, str] = dataclasses.field(default_factory=dict)
+    warnings: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-def intake_inbox(inbox: str | Path, cohort_dir: str | Path, template: str | Path, batch: str = "intake") -> Intake:
+def intake_inbox(inbox: str | Path, cohort_dir: str | Path, template: str | Path, batch: str = "intake",
+                 released: dict[str, str] | None = None) -> Intake:
     """Copy the inbox's new, valid patients into the scoring cohort at `cohort_dir`.
 
-    Patients whose rows have a problem move to INBOX/failed/<batch>/ with the reason. A problem of
-    the inbox as a whole (a missing column, an unreadable table) raises `CohortError` and moves
-    nothing.
+    Patients whose rows have a problem move to INBOX/failed/<batch>/ with the reason, and so does a
+    patient scored and released by an earlier batch (`released`: id -> batch) that is dropped in
+    again: a patient is scored once, and its earlier score is not silently kept or replaced. A
+    patient id that is also a patient of the training cohort (`template`) is taken in with a
+    warning. A problem of the inbox as a whole (no such folder, a missing column, an unreadable
+    table) raises `CohortError` and moves nothing.
     """
     inbox, cohort_dir = Path(inbox).resolve(), Path(cohort_dir)
     if not inbox.is_dir():
         raise CohortError(str(inbox), ["the inbox folder does not exist; create it (see `serve.inbox` in the config)"])
     spec = load_spec(Path(template))
-    patients_table = inbox / spec.tables.patients
-    if not patients_table.exists() or read_table(patients_table).empty:
+    sweep_partials(cohort_dir)  # slide copies half-written by a killed night
+    if not _has_rows(inbox, spec):
         return Intake([], {})
     if not (inbox / COHORT_FILE).exists():
         write_text(inbox / COHORT_FILE, (Path(template) / COHORT_FILE).read_text())
@@ -65,6 +72,13 @@ def intake_inbox(inbox: str | Path, cohort_dir: str | Path, template: str | Path
     incoming = _load_inbox(inbox, spec, batch, failed)
     if incoming is None:
         return Intake([], failed)
+    again = _scored_before(incoming, released or {})
+    if again:
+        move_to_failed(inbox, again, batch)
+        failed.update(again)
+        if not _has_rows(inbox, spec):
+            return Intake([], failed, again)
+        incoming = load_cohort(inbox, external_paths=False)
     if not (cohort_dir / COHORT_FILE).exists():
         write_text(cohort_dir / COHORT_FILE, (inbox / COHORT_FILE).read_text())
     current = _tables(cohort_dir, incoming.spec)
@@ -87,7 +101,59 @@ def intake_inbox(inbox: str | Path, cohort_dir: str | Path, template: str | Path
             rows = raw[role][raw[role].patient_id.isin(new_patients.patient_id)]
             write_table(cohort_dir / getattr(incoming.spec.tables, role),
                         pd.concat([current.get(role, pd.DataFrame()), rows]))
-    return Intake(arrived, failed)
+    return Intake(arrived, failed, again, _training_ids(template, arrived))
+
+
+def _has_rows(inbox: Path, spec: CohortSpec) -> bool:
+    """Whether any inbox table has a row (an empty inbox has none; slide rows without a patients
+    table are not empty: validation names what is wrong with them)."""
+    for role in _ROLES:
+        name = getattr(spec.tables, role)
+        if name and (inbox / name).is_file() and not read_table(inbox / name).empty:
+            return True
+    return False
+
+
+def _scored_before(incoming: Cohort, released: dict[str, str]) -> dict[str, str]:
+    """Inbox patients scored and released by an earlier batch: id -> why they are refused."""
+    return {pid: f"already scored (batch {released[pid]}) and released from the inbox; a patient is scored once, so "
+                 f"this copy was refused: to score new material for this patient, give it a new patient id "
+                 f"(e.g. {pid}-2)" for pid in incoming.patients.patient_id if pid in released}
+
+
+def _training_ids(template: str | Path, patient_ids: list[str]) -> dict[str, str]:
+    """A warning per patient id that is also a patient of the training cohort."""
+    template = Path(template)
+    try:
+        training = set(read_table(template / load_spec(template).tables.patients).patient_id.astype(str))
+    except (CohortError, ValueError, OSError, AttributeError):  # the template's own problems are not the inbox's
+        return {}
+    return {pid: f"patient id {pid} is also a patient of the training cohort {template}: if it is the same patient, "
+                 "the model saw it in training and its score is optimistic; if not, give new patients ids of their "
+                 "own (e.g. `fusion synth --id-prefix N`)" for pid in patient_ids if pid in training}
+
+
+def trained_on(model_dir: str | Path, patient_ids) -> list[str]:
+    """The patients among `patient_ids` that the model was trained on (its cross-validated predictions
+    name every training patient): their scores come from a model that saw them."""
+    path = Path(model_dir) / "predictions.parquet"
+    if not path.exists():
+        return []
+    seen = set(pd.read_parquet(path, columns=["patient_id"]).patient_id.astype(str))
+    return [str(p) for p in patient_ids if str(p) in seen]
+
+
+def released_patients(ledger: Ledger) -> dict[str, str]:
+    """Patients that earlier batches scored and released from the inbox: id -> batch (from the ledger)."""
+    out: dict[str, str] = {}
+    for e in ledger.entries():
+        if e.get("step") != "serve":
+            continue
+        if e.get("status") == "released":
+            out[str(e["item"])] = str(e.get("batch", ""))
+        elif e.get("status") == "done":  # batches before per-patient lines listed them in one line
+            out.update({str(pid): str(e["item"]) for pid in e.get("released") or []})
+    return out
 
 
 def _load_inbox(inbox: Path, template_spec: CohortSpec, batch: str, failed: dict[str, str]) -> Cohort | None:
@@ -178,9 +244,13 @@ def _move_inside(inbox: Path, rel: str, target: Path) -> None:
     os.replace(source, dest)
 
 
-def release_inbox(inbox: str | Path, done: set[str]) -> list[str]:
+def release_inbox(inbox: str | Path, done: set[str], ledger: Ledger | None = None, batch: str = "") -> list[str]:
     """Remove from the inbox the patients whose results are durably written: rows first, then the
-    slide files inside the inbox (a crash in between leaves only spare files). Returns their ids."""
+    slide files inside the inbox (a crash in between leaves only spare files). Returns their ids.
+
+    Each release is written to `ledger` first, so a patient dropped in again later is known to have
+    been scored (`released_patients`) rather than taken for the leftover of a night that crashed.
+    """
     inbox = Path(inbox).resolve()
     if not done or not (inbox / COHORT_FILE).exists():
         return []
@@ -189,6 +259,8 @@ def release_inbox(inbox: str | Path, done: set[str]) -> list[str]:
     if "patient_id" not in raw["patients"].columns:
         return []
     leaving = sorted(set(raw["patients"].patient_id) & done)
+    for pid in leaving if ledger is not None else []:
+        ledger.record("serve", pid, "released", batch=batch)
     files = []
     if {"patient_id", "path"} <= set(raw["slides"].columns):
         files = list(raw["slides"][raw["slides"].patient_id.isin(leaving)].path.dropna())
@@ -288,5 +360,5 @@ def model_encoder(model_dir: str | Path) -> tuple[str, str]:
     return config["encoder"], config.get("train_config", {}).get("tile_set", "")
 
 
-__all__ = ["intake_inbox", "Intake", "move_to_failed", "release_inbox", "retract", "unscored", "scored",
-           "subset_cohort", "merge_predictions", "model_encoder", "predictions_path"]
+__all__ = ["intake_inbox", "Intake", "released_patients", "trained_on", "move_to_failed", "release_inbox", "retract",
+           "unscored", "scored", "subset_cohort", "merge_predictions", "model_encoder", "predictions_path"]

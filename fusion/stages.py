@@ -16,6 +16,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -23,15 +24,17 @@ import pandas as pd
 
 from fusion.cohort import Cohort
 from fusion.errors import FusionError, RunError, storage_error
-from fusion.features import ExtractConfig, create_encoder, extract_slide
-from fusion.features.encoders import Encoder
-from fusion.run import RunLayout
+from fusion.run import RunLayout, clean_partials
 from fusion.storage import file_fingerprint, hash_config, read_json, write_json
-from fusion.train.data import load_bags
-from fusion.train.evaluate import evaluate_predictions
-from fusion.train.loop import TrainConfig, cross_validate
 from fusion.wsi import TilingConfig, tile_slide
 from fusion.wsi.tiling import TILER_VERSION
+
+# Features and training need torch and scikit-survival (seconds to import): each function imports
+# them when called, so tiling (`fusion tile`) starts without them (issue 17).
+if TYPE_CHECKING:
+    from fusion.features import ExtractConfig
+    from fusion.features.encoders import Encoder
+    from fusion.train.loop import TrainConfig
 
 _TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ESTALE, errno.ETIMEDOUT, errno.EBUSY, errno.ECONNRESET}
 RETRY_DELAYS = (2.0, 4.0, 8.0)  # seconds before the 1st, 2nd and 3rd retry of a transient I/O error
@@ -145,10 +148,13 @@ def tile_one(layout: RunLayout, slide_id: str, path: str, config: TilingConfig,
 
 
 def extract_one(layout: RunLayout, slide_id: str, path: str, encoders: list[Encoder],
-                config: ExtractConfig = ExtractConfig(), tile_set: str = "", retry_delays: tuple[float, ...] = ()
+                config: ExtractConfig | None = None, tile_set: str = "", retry_delays: tuple[float, ...] = ()
                 ) -> dict:
     """Features of one tiled slide for each encoder; needs RUN/tiles[/<tile_set>]/<slide_id>.h5.
     A features file that cannot be read or does not match its encoder and tiles is redone."""
+    from fusion.features import ExtractConfig, extract_slide
+
+    config = config or ExtractConfig()
     tiles = layout.tiles_h5(slide_id, tile_set)
     names = [e.name for e in encoders]
 
@@ -167,6 +173,8 @@ def extract_one(layout: RunLayout, slide_id: str, path: str, encoders: list[Enco
 
 def build_encoders(names: list[str], layout: RunLayout | None = None) -> list[Encoder]:
     """Encoders by name; a name trained in this run (`fusion pretrain`) resolves to RUN/encoders/<name>."""
+    from fusion.features import create_encoder
+
     out = []
     for n in names:
         if layout is not None and (layout.encoder_dir(n) / "config.json").exists():
@@ -195,10 +203,12 @@ def train_stage(layout: RunLayout, cohort: Cohort, config: TrainConfig, on_epoch
     the same training inputs hash: the features of every slide, the patient tables and the config.
     """
     from fusion.train.baselines import BASELINES, cross_validate_baseline
+    from fusion.train.data import load_bags
     from fusion.train.folds import ensure_fold_table
-    from fusion.train.loop import MULTIMODAL
+    from fusion.train.loop import MULTIMODAL, cross_validate
 
     out = layout.model_dir(config.model if config.task == "survival" else f"{config.model}-classification")
+    clean_partials(layout)  # checkpoints half-written by a killed training
     # First what must not be read: features of slides whose file is gone, and damaged features files
     # (both change the inputs hash, so a model trained on them is not taken as current).
     fail_missing_slides(layout, cohort, "train", config.tile_set)
@@ -246,6 +256,9 @@ def _drop_damaged_features(layout: RunLayout, cohort: Cohort, config: TrainConfi
 
 
 def evaluate_stage(layout: RunLayout, cohort: Cohort, model: str) -> dict:
+    """Evaluate a trained model's stored predictions (C-index or AUC per fold); recorded in the ledger."""
+    from fusion.train.evaluate import evaluate_predictions
+
     model_dir = layout.model_dir(model)
     if not (model_dir / "predictions.parquet").exists():
         raise RunError(f"no predictions in {model_dir}; run `fusion train` first")
@@ -298,14 +311,15 @@ def tiling_is_current(layout: RunLayout, slide_id: str, path: str, config: Tilin
 
 
 def extraction_is_current(layout: RunLayout, slide_id: str, encoders: list[Encoder],
-                          config: ExtractConfig = ExtractConfig(), tile_set: str = "") -> int | None:
+                          config: ExtractConfig | None = None, tile_set: str = "") -> int | None:
     """The tile count when every encoder's features match the slide's current tiles (by hash, and
     by shape: one row per kept tile, the encoder's dimension), else None."""
+    stain_normalize = config is not None and config.stain_normalize
     tiles = _h5_info(layout.tiles_h5(slide_id, tile_set))
     if "inputs_hash" not in tiles["attrs"] or "coords" not in tiles["shapes"]:
         return None
     n_tiles = tiles["shapes"]["coords"][0]
-    stain = "+macenko" if config.stain_normalize else ""
+    stain = "+macenko" if stain_normalize else ""
     for enc in encoders:
         info = _h5_info(layout.features_h5(enc.name, slide_id, tile_set))
         attrs = info["attrs"]

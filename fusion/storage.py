@@ -10,6 +10,8 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,13 +24,15 @@ def atomic_path(final: str | os.PathLike, durable: bool = False) -> Iterator[Pat
     """Yield a temporary path beside `final`; on success rename it onto `final`.
 
     The temporary name starts with '.' and ends with '.partial' so globbing for outputs
-    never picks it up. On error (a full disk included) the temporary file is removed and
-    `final` is untouched. `durable` also flushes the file and its folder to the disk before
-    returning, for results whose loss after a power cut would lose data (scores of an inbox).
+    never picks it up; it names this machine and process, so a later stage can tell a file left
+    by a killed process from one still being written (`sweep_partials`). On error (a full disk
+    included) the temporary file is removed and `final` is untouched. `durable` also flushes the
+    file and its folder to the disk before returning, for results whose loss after a power cut
+    would lose data (scores of an inbox).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.{_HOST}-{os.getpid()}.", suffix=".partial", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     umask = os.umask(0)
@@ -44,6 +48,62 @@ def atomic_path(final: str | os.PathLike, durable: bool = False) -> Iterator[Pat
     finally:
         with contextlib.suppress(OSError):  # a read-only or vanished folder: nothing more to clean
             tmp_path.unlink(missing_ok=True)
+
+
+def _machine_tag() -> str:
+    """This machine as temporary names show it: its host name and process-id namespace, hashed (two
+    containers may share a host name but never a pid namespace, and a pid means something only in its own)."""
+    namespace = ""
+    with contextlib.suppress(OSError):
+        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+    return hashlib.sha256(f"{socket.gethostname()}/{namespace}".encode()).hexdigest()[:10]
+
+
+_HOST = _machine_tag()
+_PARTIAL = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[A-Za-z0-9_]+\.partial$")
+# A temporary file that does not say which process made it (another machine's, or one made before
+# names carried the process) is only taken as abandoned when nothing has written to it for this long.
+PARTIAL_MAX_AGE = 24 * 3600.0
+
+
+def sweep_partials(root: str | os.PathLike, max_age: float = PARTIAL_MAX_AGE) -> list[Path]:
+    """Delete the temporary files under `root` that no live process will finish; returns them.
+
+    A process killed mid-write (SIGKILL, the OOM killer, a power cut) leaves its `.partial` file
+    behind. One made on this machine is abandoned when its process is gone; any other is abandoned
+    once nothing has written to it for `max_age` seconds (its maker may be alive on another host).
+    """
+    root = Path(root)
+    removed = []
+    if not root.is_dir():
+        return removed
+    now = time.time()
+    for path in root.rglob(".*.partial"):
+        with contextlib.suppress(OSError):  # gone meanwhile (its writer finished), or not ours to delete
+            if path.is_file() and _abandoned(path, now, max_age):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+def _abandoned(path: Path, now: float, max_age: float) -> bool:
+    match = _PARTIAL.match(path.name)
+    if match and match["host"] == _HOST:
+        return not _alive(int(match["pid"]))
+    return now - path.stat().st_mtime > max_age
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (a reused id counts as alive: safe)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, owned by someone else
+        return True
+    return True
 
 
 def _fsync(path: Path) -> None:

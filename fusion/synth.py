@@ -56,6 +56,7 @@ import pandas as pd
 import tifffile
 import yaml
 
+from fusion.cohort import id_problem
 from fusion.storage import atomic_path, write_json
 
 MORPHOLOGIES = ("tumour", "stroma", "lymphocytes", "necrosis", "fat")
@@ -91,10 +92,18 @@ class SynthConfig:
     risk_weights: tuple[float, float, float, float] = (1.0, 1.0, 0.4, 0.03)
     context_signal: float = 0.0  # weight of z_ctx (lymphocytes next to tumour); 0 = off
     scale_signal: float = 0.0  # weight of z_arch (tumour gathered or dispersed, seen at low power); 0 = off
+    # Patient ids are <id_prefix><number from id_offset, 4 digits>: new patients to score get ids no
+    # training cohort uses (e.g. prefix "N"), since an id names one patient everywhere.
+    id_prefix: str = "P"
+    id_offset: int = 0
 
     @property
     def signals(self) -> bool:
         return bool(self.context_signal or self.scale_signal)
+
+    def patient_id(self, i: int) -> str:
+        """The id of the i-th patient."""
+        return f"{self.id_prefix}{self.id_offset + i:04d}"
 
 
 _SIGNAL_FIELDS = ("context_signal", "scale_signal")
@@ -103,6 +112,11 @@ _SIGNAL_FIELDS = ("context_signal", "scale_signal")
 def synthesize_cohort(out: str | Path, config: SynthConfig = SynthConfig()) -> Path:
     """Write a full synthetic cohort folder (tables, slides, truth) and return its path."""
     out = Path(out)
+    if config.id_offset < 0:
+        raise ValueError(f"--id-offset must be >= 0, got {config.id_offset}")
+    problem = id_problem(config.patient_id(config.patients - 1))
+    if problem:
+        raise ValueError(f"--id-prefix '{config.id_prefix}' makes patient ids that cannot be used: {problem}")
     (out / "slides").mkdir(parents=True, exist_ok=True)
     (out / "truth").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(config.seed)
@@ -132,9 +146,12 @@ def synthesize_cohort(out: str | Path, config: SynthConfig = SynthConfig()) -> P
     genomics.to_csv(out / "genomics.csv", index=False)
     truth.to_csv(out / "truth" / "patients.csv", index=False)
     write_json(out / "truth" / "slides.json", slide_truth)
-    # Signal fields only when on: the default cohort's files stay as they were before they existed.
-    write_json(out / "truth" / "config.json",
-               {k: v for k, v in asdict(config).items() if k not in _SIGNAL_FIELDS or v})
+    # Fields added later only when set: the default cohort's files stay as they were before they existed.
+    recorded = {k: v for k, v in asdict(config).items() if k not in _SIGNAL_FIELDS or v}
+    for key, default in (("id_prefix", "P"), ("id_offset", 0)):
+        if recorded[key] == default:
+            del recorded[key]
+    write_json(out / "truth" / "config.json", recorded)
     spec = {
         "name": f"synthetic-{config.seed}",
         "time_unit": "months",
@@ -184,7 +201,7 @@ def _patients(config: SynthConfig, rng: np.random.Generator):
     logits = _MORPH_BASE[None, :] + _MORPH_SLOPE[None, :] * z_img[:, None]
     props = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
 
-    ids = [f"P{i:04d}" for i in range(n)]
+    ids = [config.patient_id(i) for i in range(n)]
     patients = pd.DataFrame({
         "patient_id": ids, "os_months": time, "os_event": event,
         "subtype": np.where(label == 1, "luminal_b", "luminal_a"),

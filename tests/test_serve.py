@@ -18,6 +18,7 @@ import yaml
 
 from fusion.run import open_run
 from fusion.stages import train_stage
+from fusion.storage import Ledger
 from fusion.train.loop import TrainConfig
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -145,10 +146,25 @@ def test_scoring_twice_scores_nothing_twice(trained_setup, tmp_path):
     config = yaml.safe_load(trained_setup.read_text())
     config["serve"]["reports"] = True
     trained_setup.write_text(yaml.safe_dump(config))
+    inbox = tmp_path / "inbox"
+    dropped = {name: (inbox / name).read_bytes() for name in ("patients.csv", "slides.csv", "genomics.csv")}
+    slides = {p.name: p.read_bytes() for p in (inbox / "slides").iterdir()}
     with prefect_test_harness(server_startup_timeout=120):
         first = score_inbox(str(trained_setup))
         second = score_inbox(str(trained_setup))
+        for name, content in {**dropped, **{f"slides/{k}": v for k, v in slides.items()}}.items():
+            (inbox / name).write_bytes(content)  # the same patients dropped in again
+        third = score_inbox(str(trained_setup))
     assert len(first["patients"]) == INBOX_PATIENTS and sorted(first["arrived"]) == sorted(first["patients"])
     assert sorted(Path(p).stem for p in first["reports"]) == sorted(first["patients"])
+    # the inbox's patients are patients of the training cohort too: each is scored with a warning
+    assert sorted(first["warnings"]) == sorted(first["patients"])
     assert second["patients"] == []
     assert len(pd.read_parquet(tmp_path / "scoring" / "run" / "predictions" / "abmil.parquet")) == INBOX_PATIENTS
+    # dropped in again after their release: refused, each with its reason and a ledger line, never silently
+    assert third["patients"] == [] and sorted(third["scored_before"]) == sorted(first["patients"])
+    assert all(f"already scored (batch {first['batch']})" in why for why in third["failed_patients"].values())
+    refused = [e for e in Ledger(tmp_path / "scoring" / "run" / "ledger.jsonl").entries() if e["status"] == "refused"]
+    assert sorted(e["item"] for e in refused) == sorted(first["patients"])
+    assert pd.read_csv(inbox / "patients.csv").empty
+    assert len(pd.read_csv(inbox / "failed" / third["batch"] / "patients.csv")) == INBOX_PATIENTS

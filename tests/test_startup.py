@@ -21,6 +21,13 @@ def test_help_and_tiling_import_no_heavy_library():
     assert _imported_after("from fusion.wsi import open_slide, tile_slide\nimport fusion.cohort") == []
 
 
+def test_the_tiling_stage_and_its_flow_import_neither_torch_nor_scikit_survival():
+    """`fusion tile` runs `fusion.stages` (and, under Prefect, `flows.tiling`): features and training
+    are imported by the functions that need them, not at module top (issue 17, item 3)."""
+    assert _imported_after("import fusion.stages, fusion.run, fusion.preflight") == []
+    assert _imported_after("import flows.tiling") == ["prefect"]
+
+
 def test_version_is_still_there():
     import fusion
 
