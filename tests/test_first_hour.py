@@ -264,3 +264,22 @@ def test_synth_ids_for_new_patients(tmp_path):
     with pytest.raises(ValueError, match="--id-prefix '../' makes patient ids that cannot be used"):
         synthesize_cohort(tmp_path / "bad", SynthConfig(patients=2, id_prefix="../"))
     assert not (tmp_path / "bad").exists()
+
+
+def test_serve_model_best_is_the_best_network_with_weights(tmp_path):
+    """`serve.model: best` picks the survival network with the highest fold-mean C; a baseline with a
+    higher C keeps no weights to score with and is passed over; no network at all is one clear error."""
+    from fusion.pipeline_config import PipelineConfigError
+    from fusion.preflight import _best_trained_network
+
+    models = tmp_path / "models"
+    for name, c, weights in (("abmil", 0.71, True), ("coattn", 0.74, True), ("coxnet", 0.80, False)):
+        (models / name / "fold-0").mkdir(parents=True)
+        (models / name / "cv_metrics.json").write_text(json.dumps({"task": "survival", "c_index_mean": c}))
+        if weights:
+            (models / name / "fold-0" / "model.safetensors").write_bytes(b"")
+    assert _best_trained_network(models, "demo.yaml") == "coattn"
+    for name in ("abmil", "coattn"):
+        (models / name / "fold-0" / "model.safetensors").unlink()
+    with pytest.raises(PipelineConfigError, match="serve.model: best: no trained survival network"):
+        _best_trained_network(models, "demo.yaml")
