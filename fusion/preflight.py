@@ -20,7 +20,8 @@ def check_pipeline(config: PipelineConfig) -> tuple[RunLayout, Cohort]:
     bind after): the cohort, the encoders, the report and analysis models, the report's patients."""
     cohort = load_cohort(config.cohort)
     layout = RunLayout(Path(config.run).resolve())
-    check_encoders(config.extract.encoders, layout, "extract.encoders")
+    pretrained = {p.encoder for p in config.pretrain}  # made by this config's `pretrain:` section first
+    check_encoders([e for e in config.extract.encoders if e not in pretrained], layout, "extract.encoders")
     for part in config.encoder.split("+"):
         if part not in config.extract.encoders and not (layout.root / "features" / part).is_dir():
             raise PipelineConfigError(f"train_encoder: '{part}' is neither extracted by this config (extract.encoders: "

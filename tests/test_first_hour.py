@@ -283,3 +283,20 @@ def test_serve_model_best_is_the_best_network_with_weights(tmp_path):
         (models / name / "fold-0" / "model.safetensors").unlink()
     with pytest.raises(PipelineConfigError, match="serve.model: best: no trained survival network"):
         _best_trained_network(models, "demo.yaml")
+
+
+def test_encoders_the_config_pretrains_are_known_before_they_exist(cohort, tmp_path):
+    """`pretrain:` makes its encoders before extraction, so extract.encoders may name them; an encoder
+    neither built in nor pretrained by the config is still refused."""
+    from fusion.pipeline_config import PipelineConfigError, load_pipeline_config
+    from fusion.preflight import check_pipeline
+
+    config = tmp_path / "p.yaml"
+    base = {"cohort": str(cohort), "run": "run", "models": [{"model": "abmil", "encoder": "morph+mocov3"}]}
+    config.write_text(yaml.safe_dump({**base, "pretrain": [{"method": "mocov3"}],
+                                      "extract": {"encoders": ["morph", "mocov3"]}}))
+    check_pipeline(load_pipeline_config(config))
+    config.write_text(yaml.safe_dump({**base, "pretrain": [{"method": "mocov3"}],
+                                      "extract": {"encoders": ["morph", "mocov3", "dino"]}}))
+    with pytest.raises(PipelineConfigError, match="extract.encoders: unknown encoder 'dino'"):
+        check_pipeline(load_pipeline_config(config))
