@@ -64,10 +64,12 @@ err = Console(stderr=True)
 
 
 def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """A bar with counts (done/total), time elapsed and time left, for a stage that is running."""
+    from rich import progress as rp
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, transient=False)
+    return rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
+                       rp.TimeElapsedColumn(), rp.TextColumn("eta"), rp.TimeRemainingColumn(), console=console,
+                       transient=False)
 
 
 def Table(*columns: str, **kwargs):  # noqa: N802 - rich's class, imported when a command prints one
@@ -93,7 +95,7 @@ def synth(
     pen_prob: Annotated[float, typer.Option(help="Chance that a slide carries pen marks.")] = 0.3,
     debris: Annotated[int, typer.Option(help="Specks of debris on each slide's glass.")] = 6,
     region_um: Annotated[float, typer.Option(help="Size scale of morphology regions, um.")] = 120.0,
-    workers: Annotated[int, typer.Option(help="Processes rendering slides.")] = 2,
+    workers: Annotated[int, typer.Option(help="Processes rendering slides (0: one per core).")] = 0,
     context_signal: Annotated[float, typer.Option(help="Weight of a risk carried by lymphocytes lying next to "
                                                   "tumour (spatial context); 0 = off.")] = 0.0,
     scale_signal: Annotated[float, typer.Option(help="Weight of a risk seen only at low magnification (tumour "
@@ -116,8 +118,18 @@ def synth(
                          missing_genomics=missing_genomics, missing_slides=missing_slides, workers=workers,
                          pen_prob=pen_prob, debris=debris, region_um=region_um, context_signal=context_signal,
                          scale_signal=scale_signal, id_prefix=id_prefix, id_offset=id_offset)
-    with console.status(f"rendering {patients} patients' slides into {out}"):
-        synthesize_cohort(out, config)
+    try:
+        with _progress() as progress:
+            bars: list = []  # the bar appears with the first slide: a refused config shows none
+
+            def on_slide(done: int, total: int) -> None:
+                if not bars:
+                    bars.append(progress.add_task(f"synthesising {patients} patients: slides", total=total))
+                progress.update(bars[0], completed=done)
+
+            synthesize_cohort(out, config, on_slide=on_slide)
+    except ValueError as e:
+        _fail(e)
     console.print(f"cohort written to [bold]{out}[/]")
 
 
