@@ -72,6 +72,20 @@ def _progress():
                        transient=False)
 
 
+def _counter(progress, description: str):
+    """A callback (done, total[, description]) drawing a bar that appears with its first call: work
+    found up to date (never counted) shows no bar."""
+    ids: list = []
+
+    def update(done: float, total: float | None, text: str | None = None) -> None:
+        if not ids:
+            ids.append(progress.add_task(description, total=total))
+        progress.update(ids[0], completed=done, total=total, **({"description": text} if text else {}))
+
+    update.shown = lambda: bool(ids)
+    return update
+
+
 def Table(*columns: str, **kwargs):  # noqa: N802 - rich's class, imported when a command prints one
     from rich.table import Table
 
@@ -120,14 +134,7 @@ def synth(
                          scale_signal=scale_signal, id_prefix=id_prefix, id_offset=id_offset)
     try:
         with _progress() as progress:
-            bars: list = []  # the bar appears with the first slide: a refused config shows none
-
-            def on_slide(done: int, total: int) -> None:
-                if not bars:
-                    bars.append(progress.add_task(f"synthesising {patients} patients: slides", total=total))
-                progress.update(bars[0], completed=done)
-
-            synthesize_cohort(out, config, on_slide=on_slide)
+            synthesize_cohort(out, config, on_slide=_counter(progress, f"synthesising {patients} patients: slides"))
     except ValueError as e:
         _fail(e)
     console.print(f"cohort written to [bold]{out}[/]")
@@ -322,10 +329,9 @@ def pretrain(
                                 depth=depth, dim=dim)
         layout, c = open_run(run)
         with _progress() as progress:
-            bar = progress.add_task(f"pretraining ({method})", total=epochs)
+            bar = _counter(progress, f"pretraining ({method})")
             result = pretrain_encoder(layout, c, config, name,
-                                      on_epoch=lambda e, loss: progress.update(
-                                          bar, completed=e + 1, description=f"{method} loss {loss:.3f}"))
+                                      on_epoch=lambda e, loss: bar(e + 1, epochs, f"{method} loss {loss:.3f}"))
     except (FusionError, ValueError) as e:
         _fail(e)
     what = "unchanged (same tiles and config): reused" if result["skipped"] else "saved"
@@ -383,13 +389,13 @@ def train(
                              extra_tile_sets=tuple(extra_set or ()))
         layout, c = open_run(run)
         with _progress() as progress:
-            bar = progress.add_task(f"training {model} ({folds} folds)", total=folds * epochs)
-
-            def on_epoch(fold: int, epoch: int, record: dict) -> None:
-                progress.update(bar, completed=fold * epochs + epoch + 1)
-
-            train_stage(layout, c, config, on_epoch=on_epoch)
-            progress.update(bar, completed=folds * epochs)
+            bar = _counter(progress, f"training {model} ({folds} folds)")
+            summary = train_stage(layout, c, config, on_epoch=lambda fold, epoch, record: bar(
+                fold * epochs + epoch + 1, folds * epochs))
+            if bar.shown():  # early stopping ends folds sooner: the bar ends full
+                bar(folds * epochs, folds * epochs)
+        if summary.get("skipped"):
+            console.print(f"{model}: up to date (same features, tables and config); not retrained")
         name = model if task == "survival" else f"{model}-classification"
         console.print(format_evaluation(evaluate_stage(layout, c, name)))
     except (FusionError, ValueError) as e:
@@ -555,7 +561,9 @@ def analyze(
 
     try:
         layout, c = open_run(run)
-        result = analyze_run(layout, c, model or None, groups, bootstrap, seed)
+        with _progress() as progress:
+            result = analyze_run(layout, c, model or None, groups, bootstrap, seed,
+                                 on_model=_counter(progress, "analysing models"))
     except (FusionError, ValueError, FileNotFoundError) as e:
         _fail(e)
     table = Table("model", "Harrell's C fold mean [95% CI]", "pooled C", "Uno's C [95% CI]", "td-AUC", "IBS",
@@ -601,6 +609,8 @@ def report(
     comment: Annotated[str, typer.Option(help="The reviewer's comment (with --sign).")] = "",
 ) -> None:
     """Clinician reports: one self-contained HTML page (+ PDF) per patient; or, with --sign, a signed copy."""
+    import itertools
+
     from fusion.run import open_run
 
     if not patient and not all_patients:
@@ -616,10 +626,11 @@ def report(
             return
         from fusion.report.patient import write_reports
 
-        with _progress() as bar:
-            job = bar.add_task("reports", total=len(ids))
+        with _progress() as progress:
+            bar, done = _counter(progress, f"writing {len(ids)} report(s)"), itertools.count(1)
             written = write_reports(layout, c, model, None if all_patients else ids, out, pdf=pdf, groups=groups,
-                                    on_report=lambda _: bar.advance(job), horizons=horizon or None)
+                                    on_report=lambda _: bar(next(done), len(ids)),
+                                    horizons=horizon or None)
     except (FusionError, ValueError, FileNotFoundError) as e:
         _fail(e)
     html = [p for p in written if p.suffix == ".html"]
