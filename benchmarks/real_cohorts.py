@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT, RESULTS, machine  # noqa: E402
 
 MODELS = ["clinical_cox", "coxnet", "rsf", "genomics_snn", "coattn", "biofusion"]
-COHORTS = ["gbsg2", "whas500", "veterans", "aids", "lung", "flchain"]
+COHORTS = ["veterans", "lung", "gbsg2", "whas500", "aids", "flchain"]  # smallest first
 
 
 def _arg(name: str, default: list[str]) -> list[str]:
@@ -64,7 +64,13 @@ def run_cohort(name: str, models: list[str], quick: bool) -> list[dict]:
 def main() -> None:
     quick = "--quick" in sys.argv
     models = _arg("--models", MODELS)
-    rows = [r for name in _arg("--cohorts", COHORTS) for r in run_cohort(name, models, quick)]
+    rows = []
+    for name in _arg("--cohorts", COHORTS):  # the table is rewritten after each cohort: a long run reports as it goes
+        rows += run_cohort(name, models, quick)
+        write_table(rows)
+
+
+def write_table(rows: list[dict]) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "real-cohorts.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
     lines = ["## Real public cohorts (clinical only): fusion models beside penalised Cox and RSF", "",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fusion.cohort import COHORT_FILE, Cohort, did_you_mean, folder_hint, load_cohort, load_spec
+from fusion.errors import FusionError
 from fusion.pipeline_config import PipelineConfig, PipelineConfigError
 from fusion.run import RunLayout, start_run
 
@@ -19,7 +20,8 @@ def check_pipeline(config: PipelineConfig) -> tuple[RunLayout, Cohort]:
     bind after): the cohort, the encoders, the report and analysis models, the report's patients."""
     cohort = load_cohort(config.cohort)
     layout = RunLayout(Path(config.run).resolve())
-    check_encoders(config.extract.encoders, layout, "extract.encoders")
+    pretrained = {p.encoder for p in config.pretrain}  # made by this config's `pretrain:` section first
+    check_encoders([e for e in config.extract.encoders if e not in pretrained], layout, "extract.encoders")
     for part in config.encoder.split("+"):
         if part not in config.extract.encoders and not (layout.root / "features" / part).is_dir():
             raise PipelineConfigError(f"train_encoder: '{part}' is neither extracted by this config (extract.encoders: "
@@ -71,7 +73,10 @@ def check_serve(config: PipelineConfig, config_path: str | Path) -> Path:
     if config.serve is None:
         raise PipelineConfigError(f"{config_path} has no `serve:` section (inbox, workdir, model)")
     serve = config.serve
-    model_dir = config.run / "models" / (serve.model or config.models[0].folder)
+    name = serve.model or config.models[0].folder
+    if name == "best":  # the survival network with the highest fold-mean C, as the reports use
+        name = _best_trained_network(config.run / "models", config_path)
+    model_dir = config.run / "models" / name
     if not (model_dir / "fold-0" / "config.json").exists():
         trained = sorted(p.parent.parent.name for p in (config.run / "models").glob("*/fold-0/config.json"))
         raise PipelineConfigError(f"serve.model: no trained model in {model_dir}"
@@ -85,3 +90,19 @@ def check_serve(config: PipelineConfig, config_path: str | Path) -> Path:
     if (inbox / COHORT_FILE).exists():
         load_spec(inbox)
     return model_dir
+
+
+def _best_trained_network(models_root: Path, config_path) -> str:
+    """`serve.model: best`: the trained survival network with the highest fold-mean C-index."""
+    from fusion.storage import read_json
+    from fusion.train.evaluate import best_network
+
+    evaluations = []
+    for metrics in sorted(models_root.glob("*/cv_metrics.json")):
+        summary = read_json(metrics)
+        evaluations.append({"model": metrics.parent.name, "task": summary.get("task", "survival"),
+                            "c_index_mean": summary.get("c_index_mean", float("nan"))})
+    try:
+        return best_network(models_root, [e for e in evaluations if e["c_index_mean"] == e["c_index_mean"]])
+    except FusionError as e:
+        raise PipelineConfigError(f"serve.model: best: {e}; run `fusion pipeline {config_path}` first") from None

@@ -21,9 +21,9 @@ STAMP = "inputs.json"
 
 def pretrain_inputs_hash(layout: RunLayout, cohort: Cohort, config, tile_set: str = "") -> str:
     """Hash of the config and of every slide's tiles (the inputs hash stored in each tiles .h5)."""
-    from fusion.stages import _h5_attrs
+    from fusion.stages import _h5_info
 
-    tiles = {str(sid): str(_h5_attrs(layout.tiles_h5(str(sid), tile_set)).get("inputs_hash"))
+    tiles = {str(sid): str(_h5_info(layout.tiles_h5(str(sid), tile_set))["attrs"].get("inputs_hash"))
              for sid in cohort.slides.slide_id}
     return hash_config({"config": asdict(config), "tiles": tiles})
 

@@ -264,3 +264,39 @@ def test_synth_ids_for_new_patients(tmp_path):
     with pytest.raises(ValueError, match="--id-prefix '../' makes patient ids that cannot be used"):
         synthesize_cohort(tmp_path / "bad", SynthConfig(patients=2, id_prefix="../"))
     assert not (tmp_path / "bad").exists()
+
+
+def test_serve_model_best_is_the_best_network_with_weights(tmp_path):
+    """`serve.model: best` picks the survival network with the highest fold-mean C; a baseline with a
+    higher C keeps no weights to score with and is passed over; no network at all is one clear error."""
+    from fusion.pipeline_config import PipelineConfigError
+    from fusion.preflight import _best_trained_network
+
+    models = tmp_path / "models"
+    for name, c, weights in (("abmil", 0.71, True), ("coattn", 0.74, True), ("coxnet", 0.80, False)):
+        (models / name / "fold-0").mkdir(parents=True)
+        (models / name / "cv_metrics.json").write_text(json.dumps({"task": "survival", "c_index_mean": c}))
+        if weights:
+            (models / name / "fold-0" / "model.safetensors").write_bytes(b"")
+    assert _best_trained_network(models, "demo.yaml") == "coattn"
+    for name in ("abmil", "coattn"):
+        (models / name / "fold-0" / "model.safetensors").unlink()
+    with pytest.raises(PipelineConfigError, match="serve.model: best: no trained survival network"):
+        _best_trained_network(models, "demo.yaml")
+
+
+def test_encoders_the_config_pretrains_are_known_before_they_exist(cohort, tmp_path):
+    """`pretrain:` makes its encoders before extraction, so extract.encoders may name them; an encoder
+    neither built in nor pretrained by the config is still refused."""
+    from fusion.pipeline_config import PipelineConfigError, load_pipeline_config
+    from fusion.preflight import check_pipeline
+
+    config = tmp_path / "p.yaml"
+    base = {"cohort": str(cohort), "run": "run", "models": [{"model": "abmil", "encoder": "morph+mocov3"}]}
+    config.write_text(yaml.safe_dump({**base, "pretrain": [{"method": "mocov3"}],
+                                      "extract": {"encoders": ["morph", "mocov3"]}}))
+    check_pipeline(load_pipeline_config(config))
+    config.write_text(yaml.safe_dump({**base, "pretrain": [{"method": "mocov3"}],
+                                      "extract": {"encoders": ["morph", "mocov3", "dino"]}}))
+    with pytest.raises(PipelineConfigError, match="extract.encoders: unknown encoder 'dino'"):
+        check_pipeline(load_pipeline_config(config))

@@ -137,3 +137,24 @@ def test_foundation_layouts_match_published_sizes(name):
     with torch.device("meta"):
         model = timm.create_model(f.arch, pretrained=False, **{"num_classes": 0, **_resolve_layers(dict(f.kwargs))})
     assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - millions) < 1.5
+
+
+def test_pretraining_is_a_resumable_stage(tiny_cohort, tiny_run, tmp_path):
+    """An encoder trained on the same tiles with the same config is reused, not trained again; another
+    config trains it again (the pipeline's `pretrain:` section runs this before extraction)."""
+    from conftest import copy_small_cohort
+
+    from fusion.pretraining import pretrain_encoder, pretrain_is_current
+
+    _, run = copy_small_cohort(tiny_cohort, tiny_run, tmp_path, patients=4)
+    layout, cohort = open_run(run)
+    config = PretrainConfig(method="mocov3", size=32, epochs=1, tiles=64, batch_size=32, depth=1, dim=48, heads=2)
+    first = pretrain_encoder(layout, cohort, config)
+    assert not first["skipped"] and pretrain_is_current(layout, cohort, config, "mocov3")
+    weights = layout.encoder_dir("mocov3") / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert pretrain_encoder(layout, cohort, config)["skipped"] and weights.stat().st_mtime_ns == stamp
+    assert build_encoders(["mocov3"], layout)[0].dim == 48
+    other = PretrainConfig(method="mocov3", size=32, epochs=2, tiles=64, batch_size=32, depth=1, dim=48, heads=2)
+    assert not pretrain_is_current(layout, cohort, other, "mocov3")
+    assert not pretrain_encoder(layout, cohort, other)["skipped"]
