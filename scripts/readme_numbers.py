@@ -25,7 +25,8 @@ from pathlib import Path
 
 BEGIN, END = "<!-- demo-numbers -->", "<!-- /demo-numbers -->"
 # Pipeline stages in the order they run, as the ledger names them; "tile" includes Prefect's start.
-STAGES = (("tile", "tiling (with Prefect's start)"), ("extract", "feature extraction"),
+STAGES = (("tile", "tiling (with Prefect's start)"), ("pretrain", "self-supervised pretraining"),
+          ("extract", "feature extraction"),
           ("train", "training and evaluation"), ("analyze", "cohort analysis"), ("report", "patient reports"))
 PART_OF = {"evaluate": "train"}  # ledger steps timed as part of a stage
 

@@ -35,6 +35,7 @@ def small_run(tmp_path_factory):
     ledger = [{"time": 900.0, "step": "tile", "item": "old-run", "status": "done"},  # an earlier pipeline run
               {"time": 1001.0, "step": "stage", "item": "tile", "status": "planned"},
               {"time": 1010.0, "step": "tile", "item": "S1", "status": "done"},
+              {"time": 1025.0, "step": "pretrain", "item": "mocov3", "status": "done"},
               {"time": 1040.0, "step": "extract", "item": "S1", "status": "done"},
               {"time": 1100.0, "step": "train", "item": "abmil", "status": "done"},
               {"time": 1105.0, "step": "evaluate", "item": "abmil", "status": "done"},
@@ -51,7 +52,7 @@ def test_counts_and_stage_times_come_from_the_run(small_run):
     run, timings, expected = small_run
     assert numbers.counts(run) == expected
     assert numbers.stage_seconds(run, timings["pipeline"]["start"]) == {
-        "tile": 10.0, "extract": 30.0, "train": 65.0, "analyze": 5.0, "report": 190.0}
+        "tile": 10.0, "pretrain": 15.0, "extract": 15.0, "train": 65.0, "analyze": 5.0, "report": 190.0}
     text = numbers.block(run, timings)
     assert f"{expected['slides']} slides" in text and "2 patient reports" in text
     assert "| synthesise the cohort (`fusion synth`) | 1 min 35 s |" in text
