@@ -460,7 +460,9 @@ def predict(
     try:
         layout, c = open_run(run)
         target = out or layout.root / "predictions" / f"{model_dir.name}.parquet"
-        table = predict_patients(model_dir, layout, c, target)
+        with _progress() as progress:
+            table = predict_patients(model_dir, layout, c, target,
+                                     on_fold=_counter(progress, f"scoring with {model_dir.name}: folds"))
     except (FusionError, ValueError) as e:
         _fail(e)
     console.print(f"{len(table)} patient(s) scored with {model_dir.name} ({table.folds.iat[0]} folds) -> {target}")
