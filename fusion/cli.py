@@ -868,19 +868,53 @@ def _print_summary(summary: dict) -> None:
     if summary["failed"]:
         console.print(f"[yellow]{len(summary['failed'])} slide(s) failed[/]: "
                       + ", ".join(f["slide_id"] for f in summary["failed"]) + " (see RUN/ledger.jsonl)")
-    table = Table("model", "retrained", "score (mean ± sd over folds)", "oracle")
-    for m in summary["models"]:
+    retrained = [m["model"] for m in summary["models"] if m["retrained"]]
+    unchanged = [m["model"] for m in summary["models"] if not m["retrained"]]
+    console.print(f"trained now: {', '.join(retrained) or 'none'}"
+                  + (f"; up to date: {', '.join(unchanged)}" if unchanged else ""))
+    _print_comparison(Path(summary["run"]), summary["models"])
+    run = Path(summary["run"])
+    console.print("\n[bold]where to look[/]")
+    if summary.get("analysis"):
+        report = Path(summary["analysis"]) / "report.html"
+        console.print(f"  cohort analysis   {report if report.exists() else summary['analysis']}")
+    if summary.get("reports"):
+        console.print(f"  patient reports   {Path(summary['reports'][0]).parent} ({len(summary['reports'])}, "
+                      "from the best network)")
+    if (run / "tiles" / "qc.html").exists():
+        console.print(f"  tiling QC         {run / 'tiles' / 'qc.html'}")
+    console.print(f"  every model       fusion compare {run}")
+    console.print("  runs and logs     fusion ui (Prefect's UI; run artifacts link the reports)")
+
+
+def _print_comparison(run: Path, models: list[dict]) -> None:
+    """The `fusion compare` table of a finished run (C with its CI beside the oracle, paired Δ to the
+    best); the plain per-model scores when the comparison cannot be made (e.g. classifiers only)."""
+    from fusion.run import open_run
+    from fusion.train.evaluate import compare_models
+
+    try:
+        layout, cohort = open_run(run)
+        table = compare_models(layout.root / "models", cohort, layout.analysis, n_boot=1000)
+    except (FusionError, ValueError):
+        table = None
+    if table is not None and len(table):
+        console.print(comparison_table(table))
+        oracle = table["oracle_c_index_mean"].dropna()
+        if len(oracle):
+            console.print(f"oracle (the true risk of the synthetic cohort, same folds): C {oracle.iloc[0]:.3f}")
+        console.print("C: Harrell's C per test fold, mean ± sd [95% CI]; pooled: all patients on the training-fold "
+                      "percentile scale; Δ: paired difference to the best model; % of oracle: (C - 0.5) / "
+                      "(C of the true risk - 0.5).")
+        return
+    out = Table("model", "score (mean ± sd over folds)", "oracle")
+    for m in models:
         ev = m["evaluation"]
         metric = "auc" if ev.get("task") == "classification" else "c_index"
         oracle = ev.get("oracle_c_index_mean")
-        table.add_row(m["model"], "yes" if m["retrained"] else "no (unchanged)",
-                      f"{metric} {ev[f'{metric}_mean']:.3f} ± {ev[f'{metric}_sd']:.3f}",
-                      "" if oracle is None else f"{oracle:.3f}")
-    console.print(table)
-    if summary.get("analysis"):
-        console.print(f"cohort analysis: {summary['analysis']}")
-    if summary.get("reports"):
-        console.print(f"{len(summary['reports'])} patient report(s) in {Path(summary['reports'][0]).parent}")
+        out.add_row(m["model"], f"{metric} {ev[f'{metric}_mean']:.3f} ± {ev[f'{metric}_sd']:.3f}",
+                    "" if oracle is None else f"{oracle:.3f}")
+    console.print(out)
 
 
 @app.command()
