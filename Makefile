@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: venv browser demo ui doctor test test-fast bench lint clean
+.PHONY: venv browser demo readme-numbers ui doctor test test-fast bench lint clean
 
 venv: $(STAMP)
 
@@ -22,9 +22,19 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
+# Each step is timed into $(DEMO)/timings.json; the run's counts and timings are printed at the end, and
+# `make readme-numbers` writes them into README.md's demo-numbers block (never typed by hand).
+NUMBERS := $(BIN)/python scripts/readme_numbers.py
+
 demo: $(STAMP)
-	@test -f $(DEMO)/cohort/cohort.yaml || $(BIN)/fusion synth --out $(DEMO)/cohort --patients $(DEMO_PATIENTS)
-	$(BIN)/fusion pipeline configs/demo.yaml
+	@if test -f $(DEMO)/cohort/cohort.yaml; then echo "$(DEMO)/cohort exists: not synthesised again (make clean starts over)"; \
+	else $(NUMBERS) timed $(DEMO)/timings.json synth -- $(BIN)/fusion synth --out $(DEMO)/cohort --patients $(DEMO_PATIENTS); fi
+	$(NUMBERS) timed $(DEMO)/timings.json pipeline -- $(BIN)/fusion pipeline configs/demo.yaml
+	@$(NUMBERS) show $(DEMO)/run --timings $(DEMO)/timings.json
+
+# For the README's numbers, measure a first run: `make clean demo readme-numbers`.
+readme-numbers: $(STAMP)
+	$(NUMBERS) update $(DEMO)/run --timings $(DEMO)/timings.json --readme README.md
 
 # Prefect's UI on http://127.0.0.1:4200 (the runs `make demo` recorded in .prefect/) and the report files
 # its artifacts link to on :4201; Ctrl-C stops both.
@@ -50,7 +60,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check fusion flows tests benchmarks
+	$(BIN)/ruff check fusion flows tests benchmarks scripts
 
 clean:
 	rm -rf $(DEMO) .prefect .pytest_cache

@@ -18,7 +18,6 @@ def pretrain_task(run: str, config, name: str) -> dict:
                               on_epoch=lambda e, loss: epochs.update(completed=e + 1,
                                                                      description=f"{name} loss {loss:.3f}"))
     if result["skipped"]:
-        epochs.update(completed=config.epochs)
         get_run_logger().info("%s: tiles and config unchanged since its pretraining; reused", name)
     return result
 

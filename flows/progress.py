@@ -11,28 +11,45 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 _current: Progress | None = None
 
 
 class Bar:
-    """One progress bar; `advance` is safe from task threads. A Bar without a display is a no-op."""
+    """One progress bar; `advance` is safe from task threads. A Bar without a display is a no-op.
+
+    The bar appears with its first `advance`/`update`: a stage found up to date (nothing to do)
+    never shows a bar, only its log line saying so."""
 
     def __init__(self, progress: Progress | None, description: str, total: float | None):
         self._progress = progress
-        self._id = progress.add_task(description, total=total) if progress else None
+        self._description, self._total = description, total
+        self._id = None
+        self._lock = threading.Lock()
+
+    def _task(self):
+        with self._lock:
+            if self._id is None:
+                self._id = self._progress.add_task(self._description, total=self._total)
+            return self._id
 
     def advance(self, n: float = 1) -> None:
         if self._progress is not None:
-            self._progress.advance(self._id, n)
+            self._progress.advance(self._task(), n)
 
     def update(self, **fields) -> None:
         if self._progress is not None:
-            self._progress.update(self._id, **fields)
+            self._progress.update(self._task(), **fields)
+
+    @property
+    def shown(self) -> bool:
+        """Whether the bar has appeared (some work was counted)."""
+        return self._id is not None
 
 
 def bar(description: str, total: float | None) -> Bar:
@@ -45,7 +62,7 @@ def show_progress(console: Console | None = None) -> Iterator[Progress]:
     """Show bars for the flows run inside the block, with Prefect's log lines printed above them."""
     global _current
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=console, transient=False)
+                        TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False)
     saved = [(h, h.console) for h in _prefect_console_handlers()]
     outer = _current
     with progress:

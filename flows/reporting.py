@@ -6,6 +6,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.progress import bar
 from fusion.run import open_run
 from fusion.stages import mark_stage, stage_is_current, table_hash
 from fusion.storage import file_fingerprint, hash_config
@@ -29,8 +30,11 @@ def analyze_task(run: str, models: list[str] | None = None) -> dict:
                                "models": models})
     if stage_is_current(layout, "analyze", inputs_hash):
         layout.ledger.record("analyze", "cohort", "skipped", inputs_hash=inputs_hash)
+        get_run_logger().info("analysis up to date (same predictions and patients): not redone")
         return {"skipped": True}
-    result = analyze_run(layout, cohort, models)
+    progress = bar("analysing models", total=None)
+    result = analyze_run(layout, cohort, models, on_model=lambda done, total: progress.update(completed=done,
+                                                                                              total=total))
     mark_stage(layout, "analyze", inputs_hash, models=names)
     layout.ledger.record("analyze", "cohort", "done", inputs_hash=inputs_hash, outputs=[str(layout.analysis)])
     return result
@@ -54,10 +58,13 @@ def report_task(run: str, model: str, patient_ids: list[str] | None = None, pdf:
         wanted = None if patient_ids is None else set(patient_ids)
         reports = sorted(str(p) for p in (layout.root / "reports").glob("*.html") if wanted is None or p.stem in wanted)
         layout.ledger.record("report", model, "skipped", inputs_hash=inputs_hash)
+        get_run_logger().info("%d report(s) up to date (same predictions, tables and options): not rewritten",
+                              len(reports))
         return reports
-    paths = [str(p) for p in write_reports(layout, cohort, model, patient_ids, pdf=pdf, horizons=horizons)
-             if p.suffix == ".html"]
     wanted = len(cohort.patients) if patient_ids is None else len(patient_ids)
+    progress = bar(f"writing {wanted} report(s)", total=wanted)
+    paths = [str(p) for p in write_reports(layout, cohort, model, patient_ids, pdf=pdf, horizons=horizons,
+                                           on_report=lambda _: progress.advance()) if p.suffix == ".html"]
     if len(paths) == wanted:  # a patient whose report failed is tried again by the next run
         mark_stage(layout, stage, inputs_hash, reports=len(paths))
     layout.ledger.record("report", model, "done" if len(paths) == wanted else "partial", inputs_hash=inputs_hash,

@@ -26,7 +26,8 @@ def train_task(run: str, config: TrainConfig) -> dict:
                         record["train_loss"], score)
 
     summary = train_stage(layout, cohort, config, on_epoch=on_epoch)
-    epochs.update(completed=config.folds * config.epochs)
+    if epochs.shown:  # early stopping ends folds sooner: the bar ends full
+        epochs.update(completed=config.folds * config.epochs)
     if summary.get("skipped"):
         logger.info("%s: features, tables and config unchanged since the last training; not retrained",
                     config.model)

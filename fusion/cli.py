@@ -64,10 +64,26 @@ err = Console(stderr=True)
 
 
 def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """A bar with counts (done/total), time elapsed and time left, for a stage that is running."""
+    from rich import progress as rp
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, transient=False)
+    return rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
+                       rp.TimeElapsedColumn(), rp.TextColumn("eta"), rp.TimeRemainingColumn(), console=console,
+                       transient=False)
+
+
+def _counter(progress, description: str):
+    """A callback (done, total[, description]) drawing a bar that appears with its first call: work
+    found up to date (never counted) shows no bar."""
+    ids: list = []
+
+    def update(done: float, total: float | None, text: str | None = None) -> None:
+        if not ids:
+            ids.append(progress.add_task(description, total=total))
+        progress.update(ids[0], completed=done, total=total, **({"description": text} if text else {}))
+
+    update.shown = lambda: bool(ids)
+    return update
 
 
 def Table(*columns: str, **kwargs):  # noqa: N802 - rich's class, imported when a command prints one
@@ -93,7 +109,7 @@ def synth(
     pen_prob: Annotated[float, typer.Option(help="Chance that a slide carries pen marks.")] = 0.3,
     debris: Annotated[int, typer.Option(help="Specks of debris on each slide's glass.")] = 6,
     region_um: Annotated[float, typer.Option(help="Size scale of morphology regions, um.")] = 120.0,
-    workers: Annotated[int, typer.Option(help="Processes rendering slides.")] = 2,
+    workers: Annotated[int, typer.Option(help="Processes rendering slides (0: one per core).")] = 0,
     context_signal: Annotated[float, typer.Option(help="Weight of a risk carried by lymphocytes lying next to "
                                                   "tumour (spatial context); 0 = off.")] = 0.0,
     scale_signal: Annotated[float, typer.Option(help="Weight of a risk seen only at low magnification (tumour "
@@ -116,8 +132,11 @@ def synth(
                          missing_genomics=missing_genomics, missing_slides=missing_slides, workers=workers,
                          pen_prob=pen_prob, debris=debris, region_um=region_um, context_signal=context_signal,
                          scale_signal=scale_signal, id_prefix=id_prefix, id_offset=id_offset)
-    with console.status(f"rendering {patients} patients' slides into {out}"):
-        synthesize_cohort(out, config)
+    try:
+        with _progress() as progress:
+            synthesize_cohort(out, config, on_slide=_counter(progress, f"synthesising {patients} patients: slides"))
+    except ValueError as e:
+        _fail(e)
     console.print(f"cohort written to [bold]{out}[/]")
 
 
@@ -310,10 +329,9 @@ def pretrain(
                                 depth=depth, dim=dim)
         layout, c = open_run(run)
         with _progress() as progress:
-            bar = progress.add_task(f"pretraining ({method})", total=epochs)
+            bar = _counter(progress, f"pretraining ({method})")
             result = pretrain_encoder(layout, c, config, name,
-                                      on_epoch=lambda e, loss: progress.update(
-                                          bar, completed=e + 1, description=f"{method} loss {loss:.3f}"))
+                                      on_epoch=lambda e, loss: bar(e + 1, epochs, f"{method} loss {loss:.3f}"))
     except (FusionError, ValueError) as e:
         _fail(e)
     what = "unchanged (same tiles and config): reused" if result["skipped"] else "saved"
@@ -371,13 +389,13 @@ def train(
                              extra_tile_sets=tuple(extra_set or ()))
         layout, c = open_run(run)
         with _progress() as progress:
-            bar = progress.add_task(f"training {model} ({folds} folds)", total=folds * epochs)
-
-            def on_epoch(fold: int, epoch: int, record: dict) -> None:
-                progress.update(bar, completed=fold * epochs + epoch + 1)
-
-            train_stage(layout, c, config, on_epoch=on_epoch)
-            progress.update(bar, completed=folds * epochs)
+            bar = _counter(progress, f"training {model} ({folds} folds)")
+            summary = train_stage(layout, c, config, on_epoch=lambda fold, epoch, record: bar(
+                fold * epochs + epoch + 1, folds * epochs))
+            if bar.shown():  # early stopping ends folds sooner: the bar ends full
+                bar(folds * epochs, folds * epochs)
+        if summary.get("skipped"):
+            console.print(f"{model}: up to date (same features, tables and config); not retrained")
         name = model if task == "survival" else f"{model}-classification"
         console.print(format_evaluation(evaluate_stage(layout, c, name)))
     except (FusionError, ValueError) as e:
@@ -442,7 +460,9 @@ def predict(
     try:
         layout, c = open_run(run)
         target = out or layout.root / "predictions" / f"{model_dir.name}.parquet"
-        table = predict_patients(model_dir, layout, c, target)
+        with _progress() as progress:
+            table = predict_patients(model_dir, layout, c, target,
+                                     on_fold=_counter(progress, f"scoring with {model_dir.name}: folds"))
     except (FusionError, ValueError) as e:
         _fail(e)
     console.print(f"{len(table)} patient(s) scored with {model_dir.name} ({table.folds.iat[0]} folds) -> {target}")
@@ -543,7 +563,9 @@ def analyze(
 
     try:
         layout, c = open_run(run)
-        result = analyze_run(layout, c, model or None, groups, bootstrap, seed)
+        with _progress() as progress:
+            result = analyze_run(layout, c, model or None, groups, bootstrap, seed,
+                                 on_model=_counter(progress, "analysing models"))
     except (FusionError, ValueError, FileNotFoundError) as e:
         _fail(e)
     table = Table("model", "Harrell's C fold mean [95% CI]", "pooled C", "Uno's C [95% CI]", "td-AUC", "IBS",
@@ -589,6 +611,8 @@ def report(
     comment: Annotated[str, typer.Option(help="The reviewer's comment (with --sign).")] = "",
 ) -> None:
     """Clinician reports: one self-contained HTML page (+ PDF) per patient; or, with --sign, a signed copy."""
+    import itertools
+
     from fusion.run import open_run
 
     if not patient and not all_patients:
@@ -604,10 +628,11 @@ def report(
             return
         from fusion.report.patient import write_reports
 
-        with _progress() as bar:
-            job = bar.add_task("reports", total=len(ids))
+        with _progress() as progress:
+            bar, done = _counter(progress, f"writing {len(ids)} report(s)"), itertools.count(1)
             written = write_reports(layout, c, model, None if all_patients else ids, out, pdf=pdf, groups=groups,
-                                    on_report=lambda _: bar.advance(job), horizons=horizon or None)
+                                    on_report=lambda _: bar(next(done), len(ids)),
+                                    horizons=horizon or None)
     except (FusionError, ValueError, FileNotFoundError) as e:
         _fail(e)
     html = [p for p in written if p.suffix == ".html"]

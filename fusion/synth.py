@@ -46,7 +46,9 @@ Ground truth lives in `<cohort>/truth/`, never in the tables the models read:
 from __future__ import annotations
 
 import json
-from concurrent.futures import ProcessPoolExecutor
+import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -83,7 +85,7 @@ class SynthConfig:
     missing_genomics: float = 0.0  # fraction of patients without genomics
     missing_slides: float = 0.0  # fraction of patients without any slide
     jpeg_quality: int = 85
-    workers: int = 2
+    workers: int = 0  # processes rendering slides; 0 = one per core
     region_um: float = 120.0  # correlation length of morphology regions (blobs ~2.5x this)
     pen_prob: float = 0.3  # chance that a slide carries pen marks
     blur_prob: float = 0.0  # chance that a slide has an out-of-focus band (a quarter of its width)
@@ -109,8 +111,11 @@ class SynthConfig:
 _SIGNAL_FIELDS = ("context_signal", "scale_signal")
 
 
-def synthesize_cohort(out: str | Path, config: SynthConfig = SynthConfig()) -> Path:
-    """Write a full synthetic cohort folder (tables, slides, truth) and return its path."""
+def synthesize_cohort(out: str | Path, config: SynthConfig = SynthConfig(),
+                      on_slide: Callable[[int, int], None] | None = None) -> Path:
+    """Write a full synthetic cohort folder (tables, slides, truth) and return its path.
+
+    `on_slide(done, total)` is called in this process as each slide is finished (for a progress bar)."""
     out = Path(out)
     if config.id_offset < 0:
         raise ValueError(f"--id-offset must be >= 0, got {config.id_offset}")
@@ -131,15 +136,7 @@ def synthesize_cohort(out: str | Path, config: SynthConfig = SynthConfig()) -> P
         seed = int(rng.integers(2**31))
         signals = {k: float(row[k]) for k in ("z_ctx", "z_arch") if k in row}
         jobs.append((str(out / rel), sid, props, seed, config, signals))
-    slide_truth: dict[str, dict] = {}
-    if config.workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(config.workers) as pool:
-            for sid, info in pool.map(_render_job, jobs):
-                slide_truth[sid] = info
-    else:
-        for job in jobs:
-            sid, info = _render_job(job)
-            slide_truth[sid] = info
+    slide_truth = dict(_render_all(jobs, config.workers, on_slide))
 
     patients.to_csv(out / "patients.csv", index=False)
     slides.to_csv(out / "slides.csv", index=False)
@@ -147,7 +144,8 @@ def synthesize_cohort(out: str | Path, config: SynthConfig = SynthConfig()) -> P
     truth.to_csv(out / "truth" / "patients.csv", index=False)
     write_json(out / "truth" / "slides.json", slide_truth)
     # Fields added later only when set: the default cohort's files stay as they were before they existed.
-    recorded = {k: v for k, v in asdict(config).items() if k not in _SIGNAL_FIELDS or v}
+    # `workers` is how fast, not what: the cohort is the same whatever it is, and so is this file.
+    recorded = {k: v for k, v in asdict(config).items() if (k not in _SIGNAL_FIELDS or v) and k != "workers"}
     for key, default in (("id_prefix", "P"), ("id_offset", 0)):
         if recorded[key] == default:
             del recorded[key]
@@ -247,6 +245,37 @@ def _slide_table(config: SynthConfig, ids: list[str], rng: np.random.Generator) 
             sid = f"{pid}-S{s + 1}"
             rows.append({"slide_id": sid, "patient_id": pid, "path": f"slides/{sid}.tiff"})
     return pd.DataFrame(rows, columns=["slide_id", "patient_id", "path"])
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (the container's share, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _render_all(jobs: list, workers: int, on_slide: Callable[[int, int], None] | None):
+    """(slide id, truth info) of every job, rendered by `workers` processes (0: one per core); each
+    slide depends on its own seed only, so the result is the same whatever the workers and their order."""
+    workers = min(workers or available_cores(), len(jobs))
+    total, done = len(jobs), 0
+    if on_slide:
+        on_slide(0, total)
+    if workers <= 1:
+        for job in jobs:
+            yield _render_job(job)
+            done += 1
+            if on_slide:
+                on_slide(done, total)
+        return
+    # One thread of OpenCV per process: the processes already fill the cores.
+    with ProcessPoolExecutor(workers, initializer=cv2.setNumThreads, initargs=(1,)) as pool:
+        for future in as_completed([pool.submit(_render_job, job) for job in jobs]):
+            yield future.result()
+            done += 1
+            if on_slide:
+                on_slide(done, total)
 
 
 def _render_job(job) -> tuple[str, dict]:
@@ -458,25 +487,33 @@ INKS = {"blue": (45, 70, 165), "green": (40, 125, 80), "black": (38, 36, 42)}
 
 def _render_stripe(labels: np.ndarray, y0: int, sh: int, w: int, rng: np.random.Generator,
                    textures: dict) -> np.ndarray:
-    """RGB uint8 [sh, w, 3] for rows y0..y0+sh of level 0."""
+    """RGB uint8 [sh, w, 3] for rows y0..y0+sh of level 0.
+
+    Each class's random fields are drawn over its bounding columns (so the random streams, and the
+    pixels, are what they always were), but colours are mixed only at the pixels of that class."""
     ly0, ly1 = y0 // LABEL_PX, -(-(y0 + sh) // LABEL_PX)
     lab = labels[ly0:ly1]
+    present = np.flatnonzero(np.bincount(lab.ravel(), minlength=DEBRIS + 1))
     lab = np.repeat(np.repeat(lab, LABEL_PX, 0), LABEL_PX, 1)
     off = y0 - ly0 * LABEL_PX
     lab = lab[off : off + sh, :w]
-    img = np.empty((sh, w, 3), np.float32)
-    img[:] = GLASS
-    for cls in np.unique(lab):
+    # Channel-planar [3, sh, w]: every colour operation runs on contiguous planes, not pixels of 3.
+    img = np.empty((3, sh, w), np.float32)
+    for k, value in enumerate(GLASS):
+        img[k] = value
+    planes = img.reshape(3, -1)
+    for cls in present:
         if cls == 0:
             continue
         mask = lab == cls
         cols = np.flatnonzero(mask.any(0))
         x0, x1 = cols[0], cols[-1] + 1  # render only the columns where this class is
-        tex = textures[int(cls)]((sh, x1 - x0), rng)
-        sub = img[:, x0:x1]
-        sub[mask[:, x0:x1]] = tex[mask[:, x0:x1]]
-    img += 3.0 * rng.standard_normal(img.shape[:2], dtype=np.float32)[..., None]
-    return np.clip(img, 0, 255).astype(np.uint8)
+        at = np.flatnonzero(mask[:, x0:x1])  # flat positions within the class's columns
+        pos = at + (at // (x1 - x0)) * (w - (x1 - x0)) + x0  # the same pixels in the stripe
+        for plane, values in zip(planes, textures[int(cls)]((sh, x1 - x0), rng, at), strict=True):
+            plane[pos] = values
+    img += 3.0 * rng.standard_normal((sh, w), dtype=np.float32)
+    return cv2.merge(list(np.clip(img, 0, 255, out=img).astype(np.uint8)))
 
 
 def _nuclei(shape, density, radius, rng, elongate=1.0) -> np.ndarray:
@@ -489,45 +526,65 @@ def _nuclei(shape, density, radius, rng, elongate=1.0) -> np.ndarray:
     return cv2.GaussianBlur(mask, (0, 0), 0.8)
 
 
+def _at(field: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """The values of a [h, w] field at flat positions `at`."""
+    return field.reshape(-1)[at]
+
+
 def _paint(img: np.ndarray, alpha: np.ndarray, color, strength=1.0) -> np.ndarray:
-    a = (alpha * strength)[..., None]
-    return img * (1 - a) + np.asarray(color, np.float32) * a
+    """Mix `color` into colours img [3, n] by alpha [n], in place."""
+    a = alpha * strength
+    keep = 1 - a
+    for k, c in enumerate(np.asarray(color, np.float32)):
+        img[k] *= keep
+        img[k] += c * a
+    return img
 
 
-def _base(shape, color, rng, mottle=8.0, scale=1.0) -> np.ndarray:
-    img = np.empty((*shape, 3), np.float32)
-    img[:] = color
-    return img + mottle * _smooth_noise(shape, 12 * scale, rng)[..., None]
+def _base(shape, color, rng, at, mottle=8.0, scale=1.0) -> np.ndarray:
+    """Colours [3, n] at `at`: `color` mottled by a smooth field drawn over `shape`."""
+    mottled = mottle * _at(_smooth_noise(shape, 12 * scale, rng), at)
+    img = np.empty((3, len(at)), np.float32)
+    for k, c in enumerate(np.asarray(color, np.float32)):
+        np.add(c, mottled, out=img[k])
+    return img
 
 
 def make_textures(mpp: float, ink: str = "blue") -> dict:
     """Texture painters per label, sized in microns: `s` is pixels per 0.5 um, so a 40x
-    (0.25 um/px) slide shows the same cells twice as large in pixels as a 20x one."""
+    (0.25 um/px) slide shows the same cells twice as large in pixels as a 20x one.
+
+    A painter (shape, rng, at) draws its random fields over `shape` and returns the colours [3, n]
+    float32 at the flat positions `at` only (mixing colours is the costly part, and is pointwise)."""
     s = 0.5 / mpp
 
-    def tumour(shape, rng):
-        img = _base(shape, _BASE[1], rng, scale=s)
-        img = _paint(img, _nuclei(shape, 1 / (260 * s * s), 6 * s, rng), (92, 46, 138), 0.9)
-        return _paint(img, _nuclei(shape, 1 / (900 * s * s), 8 * s, rng), (70, 34, 120), 0.9)
+    def tumour(shape, rng, at):
+        img = _base(shape, _BASE[1], rng, at, scale=s)
+        img = _paint(img, _at(_nuclei(shape, 1 / (260 * s * s), 6 * s, rng), at), (92, 46, 138), 0.9)
+        return _paint(img, _at(_nuclei(shape, 1 / (900 * s * s), 8 * s, rng), at), (70, 34, 120), 0.9)
 
-    def stroma(shape, rng):
-        img = _base(shape, _BASE[2], rng, 4.0, scale=s)
+    def stroma(shape, rng, at):
+        img = _base(shape, _BASE[2], rng, at, 4.0, scale=s)
         noise = rng.standard_normal(shape, dtype=np.float32)
-        fibres = cv2.GaussianBlur(noise, (0, 0), sigmaX=9 * s, sigmaY=1.2 * s) * np.sqrt(s)
-        img += 90 * fibres[..., None] * np.array([0.2, 0.6, 0.4], np.float32)
-        return _paint(img, _nuclei(shape, 1 / (2500 * s * s), 3 * s, rng, elongate=2.5), (105, 55, 145), 0.8)
+        # float64 as it always was (sqrt(s) is a float64 scalar), but only at the class's pixels.
+        fibres = _at(cv2.GaussianBlur(noise, (0, 0), sigmaX=9 * s, sigmaY=1.2 * s), at) * np.sqrt(s)
+        fibres = 90 * fibres
+        for k, c in enumerate(np.array([0.2, 0.6, 0.4], np.float32)):
+            img[k] += fibres * c
+        nuclei = _nuclei(shape, 1 / (2500 * s * s), 3 * s, rng, elongate=2.5)
+        return _paint(img, _at(nuclei, at), (105, 55, 145), 0.8)
 
-    def lymphocytes(shape, rng):
-        img = _base(shape, _BASE[3], rng, scale=s)
-        return _paint(img, _nuclei(shape, 1 / (70 * s * s), 3 * s, rng), (48, 28, 105), 0.95)
+    def lymphocytes(shape, rng, at):
+        img = _base(shape, _BASE[3], rng, at, scale=s)
+        return _paint(img, _at(_nuclei(shape, 1 / (70 * s * s), 3 * s, rng), at), (48, 28, 105), 0.95)
 
-    def necrosis(shape, rng):
-        img = _base(shape, _BASE[4], rng, 14.0, scale=s)
-        return _paint(img, _nuclei(shape, 1 / (180 * s * s), 1 * s, rng), (125, 70, 135), 0.7)
+    def necrosis(shape, rng, at):
+        img = _base(shape, _BASE[4], rng, at, 14.0, scale=s)
+        return _paint(img, _at(_nuclei(shape, 1 / (180 * s * s), 1 * s, rng), at), (125, 70, 135), 0.7)
 
-    def fat(shape, rng):
+    def fat(shape, rng, at):
         # Adipocytes 50-100 um across: empty cells behind thin eosin membranes.
-        img = _base(shape, _BASE[5], rng, 2.0, scale=s)
+        img = _base(shape, _BASE[5], rng, at, 2.0, scale=s)
         h, w = shape
         membranes = np.zeros(shape, np.uint8)
         n = max(1, int(h * w / (3500 * s * s)))
@@ -536,14 +593,14 @@ def make_textures(mpp: float, ink: str = "blue") -> dict:
         thickness = max(1, int(round(4 * s)))
         for x, y, r in zip(xs, ys, rs, strict=True):
             cv2.circle(membranes, (int(x), int(y)), int(r), 1, thickness)
-        return _paint(img, cv2.GaussianBlur(membranes.astype(np.float32), (0, 0), 0.8 * s), (212, 128, 172))
+        soft = cv2.GaussianBlur(membranes.astype(np.float32), (0, 0), 0.8 * s)
+        return _paint(img, _at(soft, at), (212, 128, 172))
 
-    def pen(shape, rng):
-        img = _base(shape, INKS[ink], rng, 10.0, scale=4 * s)
-        return img
+    def pen(shape, rng, at):
+        return _base(shape, INKS[ink], rng, at, 10.0, scale=4 * s)
 
-    def debris(shape, rng):
-        return _base(shape, (150, 135, 125), rng, 12.0, scale=s)
+    def debris(shape, rng, at):
+        return _base(shape, (150, 135, 125), rng, at, 12.0, scale=s)
 
     return {1: tumour, 2: stroma, 3: lymphocytes, 4: necrosis, 5: fat, PEN: pen, DEBRIS: debris}
 

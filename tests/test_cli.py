@@ -34,6 +34,10 @@ def test_stage_commands_on_a_small_cohort(tiny_cohort, tmp_path):
     train = runner.invoke(app, ["train", str(run), "--folds", "3", "--epochs", "5"])
     assert train.exit_code == 0, train.output
     assert "C-index" in train.output and "oracle" in train.output
+    assert "training abmil (3 folds)" in train.output and "15/15" in train.output  # a bar with counts
+    again = runner.invoke(app, ["train", str(run), "--folds", "3", "--epochs", "5"])
+    assert again.exit_code == 0, again.output
+    assert "up to date" in again.output and "training abmil" not in again.output  # no bar for work not done
     assert runner.invoke(app, ["evaluate", str(run)]).exit_code == 0
     baseline = runner.invoke(app, ["train", str(run), "--model", "clinical_cox", "--folds", "3"])
     assert baseline.exit_code == 0, baseline.output

@@ -136,3 +136,19 @@ def test_progress_bars_print_prefect_logs_through_the_display():
         assert [(t.description, t.completed) for t in progress.tasks] == [("tiling 2 slide(s)", 2)]
         assert all(h.console is console for h in _prefect_console_handlers())
     assert [h.console for h in _prefect_console_handlers()] == before
+
+
+def test_a_bar_appears_only_for_work_that_runs():
+    """A stage found up to date never counts anything, so it shows no bar (its log line says so)."""
+    import io
+
+    from rich.console import Console
+
+    from flows.progress import bar, show_progress
+
+    with show_progress(Console(file=io.StringIO(), width=100)) as progress:
+        idle = bar("training abmil (5 folds x <= 60 epochs)", total=300)
+        reports = bar("writing 3 report(s)", total=3)
+        reports.advance()
+        assert not idle.shown and reports.shown
+        assert [(t.description, t.completed, t.total) for t in progress.tasks] == [("writing 3 report(s)", 1, 3)]

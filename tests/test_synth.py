@@ -61,3 +61,33 @@ def test_each_modality_carries_risk_the_others_do_not():
     oracle = concordance(time, event, truth.true_risk.to_numpy())
     assert c["all"] > 0.97 * oracle, c
     assert max(c["image"], c["genomics"], c["clinical"]) < c["all"] - 0.05, c
+
+
+def test_progress_counts_every_slide(tmp_path):
+    """`fusion synth`'s bar: one call per finished slide, ending at the number of slides made."""
+    from fusion.synth import synthesize_cohort
+
+    calls = []
+    config = SynthConfig(patients=4, seed=2, slide_px=1024, extra_slide_prob=0.5, workers=1)
+    out = synthesize_cohort(tmp_path / "c", config, on_slide=lambda done, total: calls.append((done, total)))
+    n = len(pd.read_csv(out / "slides.csv"))
+    assert n > 4  # some patients have a second slide
+    assert calls == [(i, n) for i in range(n + 1)]
+
+
+def test_parallel_and_serial_synthesis_make_the_same_cohort(tmp_path):
+    """Each slide depends on its own seed only: tables, truth and slide bytes are the same whatever the
+    number of processes and the order they finish in."""
+    from fusion.synth import synthesize_cohort
+
+    calls = []
+    made = {}
+    for workers in (1, 2):
+        config = SynthConfig(patients=5, seed=4, slide_px=1024, extra_slide_prob=0.3, workers=workers)
+        out = synthesize_cohort(tmp_path / str(workers), config, on_slide=lambda d, t: calls.append((d, t)))
+        made[workers] = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert made[1].keys() == made[2].keys()
+    assert len([p for p in made[1] if p.suffix == ".tiff"]) == len(pd.read_csv(tmp_path / "1" / "slides.csv"))
+    for path in made[1]:
+        assert made[1][path] == made[2][path], path
+    assert calls[-1][0] == calls[-1][1]  # the parallel run counted every slide too

@@ -15,6 +15,7 @@ is the headline).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -199,8 +200,9 @@ def analyze_classification(model_dir: Path, preds: pd.DataFrame, n_boot: int = 1
 
 
 def analyze_run(layout: RunLayout, cohort: Cohort, models: list[str] | None = None, groups: str = "median",
-                n_boot: int = 1000, seed: int = 0) -> dict:
-    """Statistics of every trained model (or those named) of the run; writes `RUN/analysis/`."""
+                n_boot: int = 1000, seed: int = 0, on_model: Callable[[int, int], None] | None = None) -> dict:
+    """Statistics of every trained model (or those named) of the run; writes `RUN/analysis/`.
+    `on_model(done, total)` is called as each model's statistics are done (for a progress bar)."""
     root = layout.root / "models"
     dirs = sorted(d for d in root.iterdir() if (d / "predictions.parquet").exists()) if root.exists() else []
     if models:
@@ -214,7 +216,7 @@ def analyze_run(layout: RunLayout, cohort: Cohort, models: list[str] | None = No
     out = layout.analysis
     table = read_fold_table(layout.root)
     results = []
-    for d in dirs:
+    for i, d in enumerate(dirs):
         oof = load_out_of_fold(d)
         if table is not None and oof.fold_table != table.fingerprint:
             raise RunError(f"{d.name} was trained on another fold table than this run's ({layout.root / 'folds.csv'});"
@@ -223,6 +225,8 @@ def analyze_run(layout: RunLayout, cohort: Cohort, models: list[str] | None = No
             results.append(analyze_survival(d, oof, cohort, groups, n_boot, seed, out / d.name))
         else:
             results.append(analyze_classification(d, oof.preds, n_boot, seed, out / d.name))
+        if on_model:
+            on_model(i + 1, len(dirs))
     figures = {r["model"]: r.pop("_figures", {}) for r in results}
     survival = [r for r in results if r["task"] == "survival"]
     td = {r["model"]: (r["td_auc_times"], r["td_auc"]) for r in survival if "td_auc" in r}

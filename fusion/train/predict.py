@@ -13,6 +13,7 @@ stored preprocessing, never refitted.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +31,14 @@ from fusion.train.loop import MULTIMODAL, hazard_risk, predict_risk
 
 
 def predict_patients(model_dir: str | Path, layout: RunLayout, cohort: Cohort, out: str | Path | None = None,
-                     device: str = "auto") -> pd.DataFrame:
-    """Ensemble predictions (mean over folds) for every patient of `cohort` that can be scored."""
+                     device: str = "auto", on_fold: Callable[[int, int], None] | None = None) -> pd.DataFrame:
+    """Ensemble predictions (mean over folds) for every patient of `cohort` that can be scored.
+    `on_fold(done, total)` is called as each fold's model has scored them (for a progress bar)."""
     model_dir = Path(model_dir)
     folds = fold_dirs(model_dir)
     dev = pick_device(device)
     bags, outputs, percentiles, config = None, [], [], {}
-    for folder in folds:
+    for k, folder in enumerate(folds):
         model, config = load_checkpoint(folder)
         train = config["train_config"]
         if bags is None:  # every fold of a model was trained on the same features: read them once
@@ -53,6 +55,8 @@ def predict_patients(model_dir: str | Path, layout: RunLayout, cohort: Cohort, o
         if outputs[-1].ndim == 1:
             cut = _training_percentiles(folder)
             percentiles.append(percentile_of(outputs[-1], cut))
+        if on_fold:
+            on_fold(k + 1, len(folds))
     ids = bags.ids
     table = pd.DataFrame({"patient_id": ids})
     if outputs[0].ndim == 1:
