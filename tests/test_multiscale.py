@@ -84,4 +84,4 @@ def test_biofusion_trains_and_scores_on_two_magnifications(two_scale_run, tmp_pa
     assert saved["model_kwargs"]["scale_dims"] == [39] and model.scale_dims == [39]
     assert saved["train_config"]["extra_tile_sets"] == ["5x"]
     scores = predict_patients(out, layout, cohort)  # the fold ensemble reads the 5x tiles again
-    assert len(scores) == len(bags) and np.isfinite(scores.risk).all()
+    assert len(scores) == len(bags) and np.isfinite(scores.risk_percentile).all()

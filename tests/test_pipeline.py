@@ -108,7 +108,9 @@ def test_analysis_and_reports_are_stages_too(tiny_cohort, tiny_run, tmp_path, pr
     assert [p.rsplit("/", 1)[-1] for p in first["reports"]] == [f"{p}.html" for p in patients]
     assert (run / "analysis").is_dir() and first["analysis"]
     markdown = summary_markdown(first)
-    assert all(f"[{p}](file://" in markdown for p in patients)
+    from fusion.ui import files_url
+
+    assert all(f"[{p}]({files_url()}/" in markdown for p in patients)  # through the file server `fusion ui` starts
 
     ledger = Ledger(run / "ledger.jsonl")
     n = len(ledger.entries())
