@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, RESET_PEAK, baseline_arg, load_average, run_isolated, write_results  # noqa: E402
+from common import OUT, RESET_PEAK, RESULTS, baseline_arg, load_average, machine_tag, run_isolated, write_results  # noqa: E402
 
 LIMIT_MIB = 4096
 DIM, GENES, GROUPS = 384, 128, 8
@@ -40,7 +40,10 @@ from fusion.train.data import load_bags
 from fusion.train.loop import MULTIMODAL, TrainConfig, cross_validate
 torch.set_num_threads(2)
 root, n_patients, model = {root!r}, {patients}, {model!r}
-patients = pd.read_csv(root + "/patients.csv", dtype={{"patient_id": str}}).head(n_patients)
+patients = pd.read_csv(root + "/patients.csv", dtype={{"patient_id": str}})
+if n_patients < len(patients):  # a smaller cohort keeps a third censored, so that every fold has both
+    censored = patients[patients.event == 0].head(n_patients // 3)
+    patients = pd.concat([patients[patients.event == 1].head(n_patients - len(censored)), censored])
 patients.index = patients["patient_id"].to_numpy()
 genomics = pd.read_csv(root + "/genomics.csv", dtype={{"patient_id": str}}).set_index("patient_id")
 genomics.index.name = None
@@ -113,6 +116,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="10^4 tiles per patient instead of 10^5")
     parser.add_argument("--jobs", type=int, default=1,
                         help="cases run at once (each in its own process: peaks are per process; seconds grow)")
+    parser.add_argument("--only", choices=["24 patients", "vs tiles", "vs patients"],
+                        help="measure one series again, keeping the other rows of the last results file")
     baseline_arg(parser)
     parser.add_argument("--baseline-models", default="abmil",
                         help="models measured with --baseline at full size (the old code peaks at 8-10 GiB each)")
@@ -133,8 +138,15 @@ def main() -> None:
         print(json.dumps(got), flush=True)
         return got
 
+    if args.only:  # measure these cases again; the others are kept from the last results file
+        cases = [c for c in cases if c[0] == args.only]
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         rows = list(pool.map(one, cases))
+    if args.only:
+        previous = json.loads((RESULTS / f"memory{'-quick' if args.quick else ''}-{machine_tag()}.json").read_text())
+        rows = [r for r in previous["rows"] if r["case"] != args.only] + rows
+    order = ["24 patients", "vs tiles", "vs patients"]
+    rows.sort(key=lambda r: (order.index(r["case"]), r["patients"], r["tiles/patient"]))
     notes = (f"Peak resident memory of the whole process (imports included, ~0.7 GiB) during `load_bags` + a "
              f"2-fold, 1-epoch `cross_validate` (max_tiles 1,024, batch 32), each case in a fresh process on CPU; "
              f"{DIM}-D float16 features on disk, one slide per patient. The 24-patient row of abmil also belongs "
