@@ -142,9 +142,9 @@ def main() -> None:
         cases = [c for c in cases if c[0] == args.only]
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         rows = list(pool.map(one, cases))
-    if args.only:
-        previous = json.loads((RESULTS / f"memory{'-quick' if args.quick else ''}-{machine_tag()}.json").read_text())
-        rows = [r for r in previous["rows"] if r["case"] != args.only] + rows
+    last = RESULTS / f"memory{'-quick' if args.quick else ''}-{machine_tag()}.json"
+    if args.only and last.exists():
+        rows = [r for r in json.loads(last.read_text())["rows"] if r["case"] != args.only] + rows
     order = ["24 patients", "vs tiles", "vs patients"]
     rows.sort(key=lambda r: (order.index(r["case"]), r["patients"], r["tiles/patient"]))
     notes = (f"Peak resident memory of the whole process (imports included, ~0.7 GiB) during `load_bags` + a "
