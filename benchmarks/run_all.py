@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine  # noqa: E402
 
 BENCHMARKS = ["startup.py", "tiling.py", "readers.py", "extraction.py", "augment.py", "training.py", "reports.py",
-              "beta_recovery.py", "orchestration.py", "tcga_dry_run.py", "attention.py", "synthesis.py"]
+              "beta_recovery.py", "orchestration.py", "tcga_dry_run.py", "attention.py", "synthesis.py",
+              "memory.py"]
 
 
 def collect(here: Path) -> str:

@@ -51,7 +51,8 @@ class ExtractConfig:
                              f"{self.num_workers}, {self.read_threads}")
 
 
-__all__ = ["ExtractConfig", "TileDataset", "extract_slide", "pick_device", "read_features", "write_features"]
+__all__ = ["ExtractConfig", "TileDataset", "extract_slide", "pick_device", "read_feature_info", "read_features",
+           "write_features"]
 
 
 class TileDataset(Dataset):
@@ -262,3 +263,9 @@ def read_features(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
     """(features [N, D] float32, coords [N, 2], attrs)."""
     with h5py.File(path, "r") as f:
         return f["features"][:].astype(np.float32), f["coords"][:], dict(f.attrs)
+
+
+def read_feature_info(path: str | Path) -> tuple[tuple[int, int], np.ndarray, dict]:
+    """(shape of the features [N, D], coords [N, 2], attrs), without reading the features."""
+    with h5py.File(path, "r") as f:
+        return tuple(f["features"].shape), f["coords"][:], dict(f.attrs)

@@ -6,15 +6,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
 from fusion.cohort import Cohort
-from fusion.features.extract import read_features
+from fusion.features.extract import read_feature_info
 from fusion.run import RunLayout
+from fusion.train.tiles import H5Bag, as_array
 
 
 @dataclass
@@ -22,7 +25,8 @@ class Bags:
     """Tile features per patient, with outcomes (and raw tabular data) aligned to `ids`."""
 
     ids: list[str]
-    features: list[np.ndarray]  # each [N_i, D] float32; N_i = 0 for a patient without slides
+    # each [N_i, D] float32 (N_i = 0 for a patient without slides): an array, or an `H5Bag` left on disk
+    features: list[np.ndarray | H5Bag]
     time: np.ndarray  # [P]
     event: np.ndarray  # [P] bool
     genomics: np.ndarray | None = None  # [P, G] raw values; rows of NaN where a patient has none
@@ -70,7 +74,11 @@ class Bags:
         # Tile positions are not hashed: they come from the same tile files as the features.
         scale_parts = [f for per_set in self.scale_features for f in per_set]
         for arr in (self.time, self.event, self.label, self.genomics, *self.features, *scale_parts):
-            if arr is not None:
+            if isinstance(arr, H5Bag):  # the same bytes as its array, read a block at a time
+                h.update(f"{arr.dtype}{arr.shape}".encode())
+                for block in arr.blocks():
+                    h.update(np.ascontiguousarray(block).tobytes())
+            elif arr is not None:
                 a = np.ascontiguousarray(arr)
                 h.update(f"{a.dtype}{a.shape}".encode())
                 h.update(a.tobytes())
@@ -80,44 +88,65 @@ class Bags:
 
 
 SLIDE_GAP_UM = 1e6  # a patient's slides are laid side by side this far apart: never neighbours
+# Cohorts whose tile features take more than this (float32) stay on disk as `H5Bag`s; smaller ones are
+# read into memory once, as they always were. Override with FUSION_BAGS_IN_MEMORY_MB or `in_memory_bytes`.
+IN_MEMORY_BYTES = 1 << 30
+
+
+def in_memory_budget() -> int:
+    """Bytes of tile features `load_bags` holds in memory (FUSION_BAGS_IN_MEMORY_MB, default 1024)."""
+    value = os.environ.get("FUSION_BAGS_IN_MEMORY_MB")
+    if value is None:
+        return IN_MEMORY_BYTES
+    try:
+        return int(float(value) * 2**20)
+    except ValueError:
+        raise ValueError(f"FUSION_BAGS_IN_MEMORY_MB={value!r}: a number of megabytes, e.g. 1024") from None
 
 
 def _slide_tiles(layout: RunLayout, encoders: list[str], slide_id: str, tile_set: str
-                 ) -> tuple[np.ndarray, np.ndarray, list[int]] | None:
-    """(features [N, sum D_e], tile centres [N, 2] in um, encoder dims) of one slide, or None when an
-    encoder has not featurised it. Files without `level0_mpp` (imported) are taken to be 0.5 um/px."""
-    feats, centres, dims = [], None, []
+                 ) -> tuple[tuple[Path, ...], int, np.ndarray, list[int]] | None:
+    """(each encoder's features file, number of tiles, tile centres [N, 2] in um, encoder dims) of one
+    slide, or None when an encoder has not featurised it. Features are not read here (see `H5Bag`).
+    Files without `level0_mpp` (imported) are taken to be 0.5 um/px."""
+    paths, centres, dims, n = [], None, [], None
     for enc in encoders:
         path = layout.features_h5(enc, slide_id, tile_set)
         if not path.exists():
             return None
-        f, coords, attrs = read_features(path)
-        feats.append(f)
-        dims.append(f.shape[1])
+        shape, coords, attrs = read_feature_info(path)
+        if n is not None and shape[0] != n:
+            raise ValueError(f"{path} holds {shape[0]} tiles but {paths[0]} holds {n}: the encoders of "
+                             f"'{'+'.join(encoders)}' must featurise the same tiles; extract them again")
+        n = shape[0]
+        paths.append(path)
+        dims.append(shape[1])
         if centres is None:
             half = float(attrs.get("patch_size_level0", 0)) / 2
             centres = (np.asarray(coords, np.float64) + half) * float(attrs.get("level0_mpp", 0.5))
-    return np.concatenate(feats, 1), centres.astype(np.float32), dims
+    return tuple(paths), int(n), centres.astype(np.float32), dims
 
 
 def _patient_tiles(layout: RunLayout, cohort: Cohort, pid: str, encoders: list[str], tile_set: str
-                   ) -> tuple[np.ndarray, np.ndarray, list[int]] | None:
-    """All featurised tiles of a patient's slides (features, centres in um with slides set apart, dims)."""
-    feats, centres, dims = [], [], None
+                   ) -> tuple[H5Bag, np.ndarray, list[int]] | None:
+    """All featurised tiles of a patient's slides (features left on disk, centres in um with slides set
+    apart, dims)."""
+    files, lengths, centres, dims = [], [], [], None
     for s, sid in enumerate(cohort.slides_of(pid)["slide_id"]):
         got = _slide_tiles(layout, encoders, sid, tile_set)
-        if got is not None and len(got[0]):
-            feats.append(got[0])
-            centres.append(got[1] + np.array([s * SLIDE_GAP_UM, 0.0], np.float32))
-            dims = got[2]
-    if not feats:
+        if got is not None and got[1]:
+            files.append(got[0])
+            lengths.append(got[1])
+            centres.append(got[2] + np.array([s * SLIDE_GAP_UM, 0.0], np.float32))
+            dims = got[3]
+    if not files:
         return None
-    return np.concatenate(feats, 0), np.concatenate(centres, 0), dims
+    return H5Bag(files, lengths, sum(dims)), np.concatenate(centres, 0), dims
 
 
 def load_bags(layout: RunLayout, cohort: Cohort, encoder: str, tile_set: str = "",
-              keep_without_tiles: bool = False, extra_tile_sets: tuple[str, ...] | list[str] = ()
-              ) -> tuple[Bags, list[str]]:
+              keep_without_tiles: bool = False, extra_tile_sets: tuple[str, ...] | list[str] = (),
+              in_memory_bytes: int | None = None) -> tuple[Bags, list[str]]:
     """Bags of the cohort's patients and the ids without any featurised tile.
 
     Patients without tiles are left out unless `keep_without_tiles` (fusion models score them from
@@ -127,6 +156,10 @@ def load_bags(layout: RunLayout, cohort: Cohort, encoder: str, tile_set: str = "
     patient's second slide placed `SLIDE_GAP_UM` to the right of the first. `extra_tile_sets` (other
     tilings of the same slides, e.g. a low magnification) are read with the same encoders into
     `Bags.scale_features` / `Bags.scale_coords`; a patient may have none of them.
+
+    Tile features are read into float32 arrays when all of them take at most `in_memory_bytes`
+    (default `in_memory_budget()`, 1 GiB); a larger cohort's stay on disk as `H5Bag`s, read a batch at
+    a time, so that memory does not grow with the number of patients.
     """
     encoders = encoder.split("+")
     ids, feats, coords, missing = [], [], [], []
@@ -137,7 +170,7 @@ def load_bags(layout: RunLayout, cohort: Cohort, encoder: str, tile_set: str = "
             ids.append(pid)
             feats.append(got[0])
             coords.append(got[1])
-            dim, enc_dims = feats[-1].shape[1], got[2]
+            dim, enc_dims = got[0].shape[1], got[2]
         else:
             missing.append(pid)
             if keep_without_tiles:
@@ -151,6 +184,11 @@ def load_bags(layout: RunLayout, cohort: Cohort, encoder: str, tile_set: str = "
         extra_dim = next((p[0].shape[1] for p in per if p is not None), dim or 1)
         scale_features.append([np.zeros((0, extra_dim), np.float32) if p is None else p[0] for p in per])
         scale_coords.append([np.zeros((0, 2), np.float32) if p is None else p[1] for p in per])
+    budget = in_memory_budget() if in_memory_bytes is None else in_memory_bytes
+    total = sum(f.nbytes for f in [*feats, *(f for s in scale_features for f in s)])
+    if total <= budget:  # a small cohort: read once, as arrays (no file access per batch)
+        feats = [as_array(f) for f in feats]
+        scale_features = [[as_array(f) for f in s] for s in scale_features]
     pts = cohort.patients.loc[ids]
     genomics, genes = None, []
     if cohort.genomics is not None:
@@ -325,18 +363,21 @@ def _pad(arrays: list[np.ndarray], width: int) -> tuple[torch.Tensor, torch.Tens
     return torch.from_numpy(x), torch.from_numpy(mask)
 
 
-def collate(bags: list[np.ndarray], max_tiles: int | None, rng: np.random.Generator | None
+def collate(bags: list[np.ndarray | H5Bag], max_tiles: int | None, rng: np.random.Generator | None
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad bags to the longest: features [B, N, D] and mask [B, N] (True = real tile).
 
     With `max_tiles`, a bag longer than that is subsampled at random (training only; at
-    inference every tile counts). A batch of empty bags still gets N = 1 (all masked).
+    inference every tile counts); only the sampled rows of a bag left on disk are read.
+    A batch of empty bags still gets N = 1 (all masked).
     """
-    chosen = []
-    for f in bags:
-        keep = _choose(len(f), max_tiles, rng)
-        chosen.append(f if keep is None else f[keep])
+    chosen = [_take(f, _choose(len(f), max_tiles, rng)) for f in bags]
     return _pad(chosen, chosen[0].shape[1])
+
+
+def _take(features: np.ndarray | H5Bag, keep: np.ndarray | None) -> np.ndarray:
+    """The kept rows (sorted indices; None = all) of a bag, as an array: an `H5Bag` reads only those."""
+    return as_array(features) if keep is None else features[keep]
 
 
 def batch_inputs(bags: Bags, idx, device: torch.device, max_tiles: int | None = None,
@@ -349,17 +390,16 @@ def batch_inputs(bags: Bags, idx, device: torch.device, max_tiles: int | None = 
     """
     rows = list(range(len(bags)))[idx] if isinstance(idx, slice) else [int(i) for i in idx]
     keep = [_choose(len(bags.features[i]), max_tiles, rng) for i in rows]
-    take = lambda a, k: a if k is None else a[k]  # noqa: E731
-    x, mask = _pad([take(bags.features[i], k) for i, k in zip(rows, keep, strict=True)], bags.dim)
+    x, mask = _pad([_take(bags.features[i], k) for i, k in zip(rows, keep, strict=True)], bags.dim)
     out = {"features": x.to(device), "mask": mask.to(device)}
     if bags.coords:
-        out["coords"] = _pad([take(bags.coords[i], k) for i, k in zip(rows, keep, strict=True)], 2)[0].to(device)
+        out["coords"] = _pad([_take(bags.coords[i], k) for i, k in zip(rows, keep, strict=True)], 2)[0].to(device)
     if bags.scale_features:
         out.update(scale_features=[], scale_masks=[], scale_coords=[])
         for feats, pos in zip(bags.scale_features, bags.scale_coords, strict=True):
             keep_s = [_choose(len(feats[i]), max_tiles, rng) for i in rows]
-            xs, ms = _pad([take(feats[i], k) for i, k in zip(rows, keep_s, strict=True)], feats[rows[0]].shape[1])
-            ps, _ = _pad([take(pos[i], k) for i, k in zip(rows, keep_s, strict=True)], 2)
+            xs, ms = _pad([_take(feats[i], k) for i, k in zip(rows, keep_s, strict=True)], feats[rows[0]].shape[1])
+            ps, _ = _pad([_take(pos[i], k) for i, k in zip(rows, keep_s, strict=True)], 2)
             out["scale_features"].append(xs.to(device))
             out["scale_masks"].append(ms.to(device))
             out["scale_coords"].append(ps.to(device))
@@ -372,12 +412,27 @@ def tabular_batch(bags: Bags, idx, device: torch.device) -> dict[str, torch.Tens
     return {k: torch.from_numpy(np.asarray(v[idx])).to(device) for k, v in bags.tab.items()}
 
 
-def feature_moments(bags: list[np.ndarray], max_rows: int = 200_000, seed: int = 0
+def feature_moments(bags: list[np.ndarray | H5Bag], max_rows: int = 200_000, seed: int = 0
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and std over (a sample of) the tiles of the given bags."""
-    stacked = np.concatenate(bags, 0)
-    if len(stacked) > max_rows:
-        stacked = stacked[np.random.default_rng(seed).choice(len(stacked), max_rows, replace=False)]
-    if not len(stacked):
-        return np.zeros(stacked.shape[1], np.float32), np.ones(stacked.shape[1], np.float32)
+    """Per-feature mean and std over (a sample of) the tiles of the given bags.
+
+    The sample is `max_rows` rows drawn among all the bags' tiles (as if stacked); only those rows are
+    read, so the cohort is never stacked in memory."""
+    sizes = np.array([len(b) for b in bags], np.int64)
+    dim = next((b.shape[1] for b in bags), 1)
+    total = int(sizes.sum())
+    if not total:
+        return np.zeros(dim, np.float32), np.ones(dim, np.float32)
+    if total <= max_rows:
+        stacked = np.concatenate([as_array(b) for b in bags], 0)
+    else:
+        pick = np.random.default_rng(seed).choice(total, max_rows, replace=False)
+        order = np.argsort(pick, kind="stable")
+        rows = pick[order]  # sorted: each bag's share is one stretch
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        cuts = np.searchsorted(rows, starts)
+        gathered = np.concatenate([bags[i][rows[cuts[i]:cuts[i + 1]] - starts[i]]
+                                   for i in range(len(bags)) if cuts[i + 1] > cuts[i]], 0)
+        stacked = np.empty_like(gathered)
+        stacked[order] = gathered  # back in the order drawn: the same rows, same order as stacked[pick]
     return stacked.mean(0), stacked.std(0)

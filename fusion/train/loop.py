@@ -113,15 +113,35 @@ def _seed_everything(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+INFERENCE_TILES = 1 << 16  # padded tiles per inference batch: a 10^5-tile bag is scored on its own
+
+
+def inference_batches(bags: Bags, batch_size: int = 8, max_tiles: int = INFERENCE_TILES) -> list[slice]:
+    """Consecutive patients grouped for inference: at most `batch_size` per batch, and at most `max_tiles`
+    padded tiles (patients x the longest bag, all tile sets counted) unless one patient alone has more.
+    Small bags batch as before; whole-slide bags are never padded together."""
+    sizes = [len(f) + sum(len(s[i]) for s in bags.scale_features) for i, f in enumerate(bags.features)]
+    out, start, longest = [], 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and ((i - start) >= batch_size or (i - start + 1) * max(longest, n, 1) > max_tiles):
+            out.append(slice(start, i))
+            start, longest = i, 0
+        longest = max(longest, n)
+    if len(sizes) > start:
+        out.append(slice(start, len(sizes)))
+    return out
+
+
 @torch.no_grad()
 def predict_risk(model: torch.nn.Module, bags: Bags, device: torch.device, batch_size: int = 8,
-                 hazards: bool = False) -> np.ndarray:
+                 hazards: bool = False, max_tiles: int = INFERENCE_TILES) -> np.ndarray:
     """Risk [P] (survival) or class probabilities [P, C] (classification) for every bag, all tiles used.
-    With `hazards`, the model's logits are discrete-time hazards: returns the hazards [P, K]."""
+    With `hazards`, the model's logits are discrete-time hazards: returns the hazards [P, K]. Patients
+    are batched by `inference_batches` (at most `max_tiles` padded tiles per batch)."""
     model.eval()
     out = []
-    for start in range(0, len(bags), batch_size):
-        inputs = batch_inputs(bags, slice(start, start + batch_size), device)
+    for rows in inference_batches(bags, batch_size, max_tiles):
+        inputs = batch_inputs(bags, rows, device)
         with autocast(device):
             result = model(**inputs)
         if hazards:
@@ -130,6 +150,7 @@ def predict_risk(model: torch.nn.Module, bags: Bags, device: torch.device, batch
             out.append(result["risk"].float().cpu().numpy())
         else:
             out.append(torch.softmax(result["logits"].float(), -1).cpu().numpy())
+        del inputs, result  # one batch's tiles at a time
     return np.concatenate(out) if out else np.zeros(0)
 
 
