@@ -25,4 +25,4 @@ def pretrain_task(run: str, config, name: str) -> dict:
 @flow(name="fusion-pretrain")
 def pretrain_encoders(run: str, sections: list) -> list[dict]:
     """Pretrain each encoder in turn (they share the CPU/GPU)."""
-    return [pretrain_task(run, s.build(), s.name) for s in sections]
+    return [pretrain_task(run, s.build(), s.encoder) for s in sections]
