@@ -14,7 +14,7 @@ import os
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -178,8 +178,11 @@ def build_encoders(names: list[str], layout: RunLayout | None = None) -> list[En
     out = []
     for n in names:
         if layout is not None and (layout.encoder_dir(n) / "config.json").exists():
-            n = f"ssl@{layout.encoder_dir(n)}"
-        out.append(create_encoder(n))
+            # Features land under the name the user gave (RUN/features/<name>), which is the name
+            # `fusion train --encoder` and `models:` read, and two pretrained encoders of one method differ.
+            out.append(replace(create_encoder(f"ssl@{layout.encoder_dir(n)}"), name=n))
+        else:
+            out.append(create_encoder(n))
     return out
 
 
@@ -213,6 +216,8 @@ def train_stage(layout: RunLayout, cohort: Cohort, config: TrainConfig, on_epoch
     # (both change the inputs hash, so a model trained on them is not taken as current).
     fail_missing_slides(layout, cohort, "train", config.tile_set)
     _drop_damaged_features(layout, cohort, config)
+    if config.model not in BASELINES:  # a tile model never trains silently on no tiles at all
+        _check_features_exist(layout, config.encoder, config.tile_set)
     folds = ensure_fold_table(layout.root, cohort, config.folds, config.seed)  # one table for every model
     inputs_hash = hash_config({"inputs": training_inputs_hash(layout, cohort, config), "folds": folds.fingerprint})
     if not force and _stamp_matches(out / TRAIN_STAMP, inputs_hash) and (out / "cv_metrics.json").exists():
@@ -241,6 +246,17 @@ def train_stage(layout: RunLayout, cohort: Cohort, config: TrainConfig, on_epoch
     layout.ledger.record("train", out.name, "done", outputs=[str(out)], config=asdict(config), inputs_hash=inputs_hash,
                          score=summary.get("c_index_mean", summary.get("auc_mean")), excluded=missing)
     return summary
+
+
+def _check_features_exist(layout: RunLayout, encoder: str, tile_set: str) -> None:
+    """Every encoder of `encoder` ('morph+mocov3') has featurised slides of the tile set in this run."""
+    for enc in encoder.split("+"):
+        folder = layout.features(enc, tile_set)
+        if not (folder.is_dir() and any(folder.glob("*.h5"))):
+            root = layout.root / "features"
+            found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+            raise RunError(f"no features of encoder '{enc}' in {folder} (this run has: "
+                           f"{', '.join(found) or 'none'}); run `fusion extract --encoder {enc}` first")
 
 
 def _drop_damaged_features(layout: RunLayout, cohort: Cohort, config: TrainConfig) -> None:

@@ -158,3 +158,31 @@ def test_pretraining_is_a_resumable_stage(tiny_cohort, tiny_run, tmp_path):
     other = PretrainConfig(method="mocov3", size=32, epochs=2, tiles=64, batch_size=32, depth=1, dim=48, heads=2)
     assert not pretrain_is_current(layout, cohort, other, "mocov3")
     assert not pretrain_encoder(layout, cohort, other)["skipped"]
+
+
+def test_a_pretrained_encoder_is_extracted_and_trained_on_under_its_own_name(tiny_cohort, tiny_run, tmp_path):
+    """`pretrain` names an encoder, `extract` writes RUN/features/<that name>, and a multi-encoder model
+    reads it by that name: the demo's `morph+mocov3+dino` once found no features (they were written
+    under `ssl-mocov3`) and biofusion trained on no tiles without a word. A missing encoder now stops
+    training with its name."""
+    from conftest import copy_small_cohort
+
+    from fusion.errors import RunError
+    from fusion.pretraining import pretrain_encoder
+    from fusion.stages import extract_one, slide_rows, train_stage
+    from fusion.train.data import load_bags
+    from fusion.train.loop import TrainConfig
+
+    _, run = copy_small_cohort(tiny_cohort, tiny_run, tmp_path, patients=4)
+    layout, cohort = open_run(run)
+    config = PretrainConfig(method="mocov3", size=32, epochs=1, tiles=64, batch_size=32, depth=1, dim=48, heads=2)
+    pretrain_encoder(layout, cohort, config, "ssl-a")
+    encoders = build_encoders(["morph", "ssl-a"], layout)
+    assert [e.name for e in encoders] == ["morph", "ssl-a"]
+    for sid, path in slide_rows(cohort):
+        extract_one(layout, sid, path, encoders)
+    assert any(layout.features("ssl-a").glob("*.h5"))
+    bags, missing = load_bags(layout, cohort, "morph+ssl-a")
+    assert not missing and bags.encoder_dims == [encoders[0].dim, 48] and bags.dim == encoders[0].dim + 48
+    with pytest.raises(RunError, match="no features of encoder 'mocov3'.*morph, ssl-a"):
+        train_stage(layout, cohort, TrainConfig(model="biofusion", encoder="morph+mocov3", folds=2, epochs=1))

@@ -150,7 +150,7 @@ def load_bags(layout: RunLayout, cohort: Cohort, encoder: str, tile_set: str = "
     """Bags of the cohort's patients and the ids without any featurised tile.
 
     Patients without tiles are left out unless `keep_without_tiles` (fusion models score them from
-    their other modalities). Several encoders joined by '+' ("morph+ssl-mocov3") give, per tile,
+    their other modalities). Several encoders joined by '+' ("morph+mocov3") give, per tile,
     the concatenation of each encoder's features (same tiles, same order); `Bags.encoder_dims` says
     where each encoder's part starts. Each tile's centre is kept in micrometres (`Bags.coords`), a
     patient's second slide placed `SLIDE_GAP_UM` to the right of the first. `extra_tile_sets` (other
