@@ -6,7 +6,8 @@
 
 `make demo` times its steps with `timed` (into data/demo/timings.json) and prints the numbers with
 `show`; `make readme-numbers` rewrites the block of README.md between `<!-- demo-numbers -->` and
-`<!-- /demo-numbers -->` with `update`, leaving every other line as it was. Counts come from the run
+`<!-- /demo-numbers -->` with `update`, and the comparison of every model between `<!-- demo-results -->`
+and `<!-- /demo-results -->` (from RUN/analysis/comparison.csv), leaving every other line as it was. Counts come from the run
 folder (cohort tables, tile files, reports); the pipeline's stages are timed from its ledger: each
 stage ends at its last ledger line of that pipeline run, and starts where the stage before it ended.
 """
@@ -24,6 +25,7 @@ from datetime import date
 from pathlib import Path
 
 BEGIN, END = "<!-- demo-numbers -->", "<!-- /demo-numbers -->"
+RESULTS_BEGIN, RESULTS_END = "<!-- demo-results -->", "<!-- /demo-results -->"
 # Pipeline stages in the order they run, as the ledger names them; "tile" includes Prefect's start.
 STAGES = (("tile", "tiling (with Prefect's start)"), ("pretrain", "self-supervised pretraining"),
           ("extract", "feature extraction"),
@@ -109,12 +111,42 @@ def block(run: Path, timings: dict) -> str:
     return "\n".join(lines)
 
 
-def replace_block(text: str, new_block: str) -> str:
-    """`text` with its demo-numbers block replaced by `new_block`; every other character kept."""
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise ValueError(f"the README must hold one {BEGIN} ... {END} block (found {text.count(BEGIN)} begin "
-                         f"and {text.count(END)} end markers)")
-    return text[: text.index(BEGIN)] + new_block + text[text.index(END) + len(END):]
+def results_block(run: Path) -> str:
+    """The README's comparison table (markers included) from the run's `fusion compare` table."""
+    import pandas as pd
+
+    from fusion.train.loop import model_inputs
+
+    table = run / "analysis" / "comparison.csv"
+    if not table.exists():
+        raise ValueError(f"{table} is missing: the run has no comparison yet (`fusion compare {run}`)")
+    rows = pd.read_csv(table)
+    best = rows.iloc[0]
+    lines = [RESULTS_BEGIN,
+             f"Written by `scripts/readme_numbers.py` from `{run.name}/analysis/comparison.csv` of the same run: "
+             f"{int(best['n_patients'])} patients, {int(best['folds'])} patient-level folds shared by every row. "
+             "C: Harrell's C inside each test fold, mean ± sd over folds [95% CI: within-fold bootstrap]; pooled: "
+             "every patient on the training-fold percentile scale; Δ vs best: paired per-fold difference to the "
+             "best model, mean ± sd [paired bootstrap 95% CI]; % of oracle: (C - 0.5) / (C of the true risk - "
+             f"0.5), the true risk's C on the same folds being {best['oracle_c_index_mean']:.3f}.", "",
+             "| model | reads | C mean ± sd [95% CI] | pooled C | Δ vs best [95% CI] | % of oracle |",
+             "|---|---|---|---|---|---|"]
+    for _, r in rows.iterrows():
+        diff = ("best" if r["model"] == best["model"] else
+                f"{-r['diff_vs_best_mean']:+.3f} ± {r['diff_vs_best_sd']:.3f} "
+                f"[{-r['diff_vs_best_ci_high']:+.3f}, {-r['diff_vs_best_ci_low']:+.3f}]")
+        lines.append(f"| `{r['model']}` | {' + '.join(model_inputs(r['model']))} | {r['c_index_mean']:.3f} ± "
+                     f"{r['c_index_sd']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['pooled_c_index']:.3f} "
+                     f"| {diff} | {100 * r['fraction_of_oracle']:.0f} % |")
+    return "\n".join([*lines, RESULTS_END])
+
+
+def replace_block(text: str, new_block: str, begin: str = BEGIN, end: str = END) -> str:
+    """`text` with its block between `begin` and `end` replaced by `new_block`; every other character kept."""
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise ValueError(f"the README must hold one {begin} ... {end} block (found {text.count(begin)} begin "
+                         f"and {text.count(end)} end markers)")
+    return text[: text.index(begin)] + new_block + text[text.index(end) + len(end):]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "show":
         print(new)
         return 0
-    args.readme.write_text(replace_block(args.readme.read_text(), new))
+    text = replace_block(args.readme.read_text(), new)
+    if RESULTS_BEGIN in text:
+        text = replace_block(text, results_block(args.run), RESULTS_BEGIN, RESULTS_END)
+    args.readme.write_text(text)
     print(f"{args.readme}: demo numbers rewritten")
     return 0
 

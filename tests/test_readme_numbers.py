@@ -82,3 +82,30 @@ def test_timed_records_a_step(tmp_path):
     assert numbers.main(["timed", str(out), "synth", "--", sys.executable, "-c", "pass"]) == 0
     record = json.loads(out.read_text())["synth"]
     assert record["exit_code"] == 0 and record["seconds"] >= 0 and record["cores"] >= 1
+
+
+def test_the_results_table_is_the_runs_comparison(small_run, tmp_path):
+    """The README's model table is written from RUN/analysis/comparison.csv (signs of the paired
+    difference as `fusion compare` prints them: the model minus the best), and only its block changes."""
+    run, timings, _ = small_run
+    (run / "analysis").mkdir(exist_ok=True)
+    pd.DataFrame([
+        {"model": "coattn", "c_index_mean": 0.81, "c_index_sd": 0.02, "ci_low": 0.77, "ci_high": 0.85,
+         "pooled_c_index": 0.80, "folds": 5, "n_patients": 250, "oracle_c_index_mean": 0.864,
+         "fraction_of_oracle": 0.85, "diff_vs_best_mean": 0.0, "diff_vs_best_sd": 0.0,
+         "diff_vs_best_ci_low": 0.0, "diff_vs_best_ci_high": 0.0},
+        {"model": "abmil", "c_index_mean": 0.776, "c_index_sd": 0.026, "ci_low": 0.728, "ci_high": 0.826,
+         "pooled_c_index": 0.763, "folds": 5, "n_patients": 250, "oracle_c_index_mean": 0.864,
+         "fraction_of_oracle": 0.76, "diff_vs_best_mean": 0.036, "diff_vs_best_sd": 0.024,
+         "diff_vs_best_ci_low": -0.008, "diff_vs_best_ci_high": 0.081}]).to_csv(run / "analysis" / "comparison.csv",
+                                                                               index=False)
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- demo-numbers -->\n<!-- /demo-numbers -->\nkept\n<!-- demo-results -->\nold 0.838\n"
+                      "<!-- /demo-results -->\nend\n")
+    (tmp_path / "timings.json").write_text(json.dumps(timings))
+    numbers.main(["update", str(run), "--timings", str(tmp_path / "timings.json"), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "old 0.838" not in text and "\nkept\n" in text and text.endswith("<!-- /demo-results -->\nend\n")
+    assert "| `coattn` | tiles + genomics + clinical | 0.810 ± 0.020 [0.770, 0.850] | 0.800 | best | 85 % |" in text
+    assert "| `abmil` | tiles | 0.776 ± 0.026 [0.728, 0.826] | 0.763 | -0.036 ± 0.024 [-0.081, +0.008] | 76 % |" in text
+    assert "the true risk's C on the same folds being 0.864" in text
