@@ -27,7 +27,7 @@ import pandas as pd
 
 from fusion.storage import read_json, read_parquet
 from fusion.survival.horizons import common_horizons, surv_column
-from fusion.survival.metrics import concordance
+from fusion.survival.metrics import concordance, concordance_resampled
 
 # Beyond the range of a fold's training risks the percentile saturates at 0 or 100; patients there
 # are still ordered among themselves by their distance from the training median in IQR units,
@@ -116,26 +116,42 @@ def harrell_per_fold(preds: pd.DataFrame, risk_col: str = "risk") -> dict[int, f
     return {int(f): concordance(p["time"], p["event"], p[risk_col]) for f, p in preds.groupby("fold")}
 
 
+PAIR_MATRIX_MAX = 4000  # patients per fold up to which `stat_many` may hold a patient-pair matrix
+
+
 def fold_bootstrap(preds: pd.DataFrame, stat: Callable[[dict], float], n_boot: int = 1000,
-                   seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+                   seed: int = 0, level: float = 0.95,
+                   stat_many: Callable[[dict, np.ndarray], np.ndarray] | None = None) -> tuple[float, float]:
     """Percentile interval of the mean over folds of `stat(fold predictions)`, resampling patients
-    with replacement within each test fold (fold models fixed: the uncertainty of their scores)."""
+    with replacement within each test fold (fold models fixed: the uncertainty of their scores).
+    `stat_many(fold columns, picks [B, m])`, when given, computes `stat` of every resample of a fold at
+    once (same resamples, same result, faster)."""
     rng = np.random.default_rng(seed)
     # column arrays per fold: `stat` reads p["time"] etc. the same way from a frame or a dict
     groups = [{c: g[c].to_numpy() for c in g.columns} for _, g in preds.groupby("fold")]
-    values = []
-    for _ in range(n_boot):
-        stats = []
-        for g in groups:
-            pick = rng.integers(0, len(g["fold"]), len(g["fold"]))
-            stats.append(stat({c: v[pick] for c, v in g.items()}))
-        values.append(np.nanmean(stats) if np.isfinite(stats).any() else np.nan)
-    values = np.asarray(values, float)
+    sizes = [len(g["fold"]) for g in groups]
+    picks = [np.empty((n_boot, n), np.int64) for n in sizes]
+    for b in range(n_boot):  # drawn in the order of resample, then fold, whichever way `stat` is computed
+        for k, n in enumerate(sizes):
+            picks[k][b] = rng.integers(0, n, n)
+    if stat_many is not None and max(sizes) <= PAIR_MATRIX_MAX:
+        stats = np.column_stack([stat_many(g, p) for g, p in zip(groups, picks, strict=True)])
+    else:
+        stats = np.array([[stat({c: v[p[b]] for c, v in g.items()}) for g, p in zip(groups, picks, strict=True)]
+                          for b in range(n_boot)], float).reshape(n_boot, len(groups))
+    finite = np.isfinite(stats).any(axis=1)
+    values = np.full(n_boot, np.nan)
+    with np.errstate(invalid="ignore"):
+        values[finite] = np.nanmean(stats[finite], axis=1)
     values = values[np.isfinite(values)]
     if not len(values):
         return float("nan"), float("nan")
     alpha = (1 - level) / 2
     return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+
+
+def _harrell_many(g: dict, picks: np.ndarray) -> np.ndarray:
+    return concordance_resampled(g["time"], g["event"], g["risk"], picks)
 
 
 def _harrell(p) -> float:
@@ -146,7 +162,7 @@ def fold_mean_c(oof: OutOfFold, n_boot: int = 1000, seed: int = 0) -> dict:
     """Harrell's C per test fold, their mean and sd, and the within-fold bootstrap 95% interval."""
     folds = harrell_per_fold(oof.preds)
     values = np.array(list(folds.values()), float)
-    low, high = fold_bootstrap(oof.preds, _harrell, n_boot, seed) if n_boot else (float("nan"),) * 2
+    low, high = fold_bootstrap(oof.preds, _harrell, n_boot, seed, stat_many=_harrell_many) if n_boot else (float("nan"),) * 2
     return {"c_index_mean": float(np.nanmean(values)), "c_index_sd": float(np.nanstd(values, ddof=1)),
             "c_index_ci": [low, high], "c_index_folds": [folds[f] for f in sorted(folds)]}
 
@@ -183,9 +199,13 @@ def paired_difference(best: OutOfFold, other: OutOfFold, n_boot: int = 1000, see
     def diff(p) -> float:
         return concordance(p["time"], p["event"], p["risk"]) - concordance(p["time"], p["event"], p["risk_other"])
 
+    def diff_many(g: dict, picks: np.ndarray) -> np.ndarray:
+        return (concordance_resampled(g["time"], g["event"], g["risk"], picks)
+                - concordance_resampled(g["time"], g["event"], g["risk_other"], picks))
+
     folds = {int(f): diff(p) for f, p in both.groupby("fold")}
     values = np.array(list(folds.values()), float)
-    low, high = fold_bootstrap(both, diff, n_boot, seed) if n_boot else (float("nan"),) * 2
+    low, high = fold_bootstrap(both, diff, n_boot, seed, stat_many=diff_many) if n_boot else (float("nan"),) * 2
     return {"model": other.model, "versus": best.model, "n_patients": int(len(both)),
             "diff_folds": [folds[f] for f in sorted(folds)], "diff_mean": float(np.nanmean(values)),
             "diff_sd": float(np.nanstd(values, ddof=1)), "diff_ci": [low, high]}
