@@ -377,6 +377,8 @@ def test_signing_writes_numbered_copies_and_an_audit_trail(reported, tmp_path):
     assert first.name == f"{pid}.v1.signed.html"
     signed = first.read_text()
     assert 'data-state="signed"' in signed and "Dr A. Reviewer" in signed and "consistent with grade" in signed
+    assert "not yet reviewed" not in signed and "signed, version 1</strong>: Dr A. Reviewer" in signed
+    assert "draft, not yet reviewed" in draft.read_text()
     assert 'data-state="unsigned"' in draft.read_text()  # the draft itself is untouched
     second = sign_report(reports, pid, "Dr B", decision="disagree")
     assert second.name == f"{pid}.v2.signed.html" and first.read_text() == signed  # never overwritten

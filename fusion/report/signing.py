@@ -21,6 +21,7 @@ from fusion.storage import Ledger, atomic_path
 
 AUDIT = "audit.jsonl"
 SIGN_OFF = re.compile(r"<!-- sign-off -->.*?<!-- /sign-off -->", re.S)
+STATUS = re.compile(r"<!-- status -->.*?<!-- /status -->", re.S)  # the header's "draft, not yet reviewed"
 DECISIONS = ("agree", "agree with comment", "disagree", "not assessable")
 
 
@@ -71,8 +72,10 @@ def sign_report(reports: str | Path, patient_id: str, reviewer: str, role: str =
     now = dt.datetime.now(dt.UTC)
     block = sign_off_block(reviewer.strip(), role.strip(), now.strftime("%Y-%m-%d %H:%M UTC"), decision,
                            comment.strip(), version)
-    with atomic_path(target) as tmp:
-        tmp.write_text(SIGN_OFF.sub(lambda _: block, text, count=1))
+    status = (f"<!-- status --><strong>signed, version {version}</strong>: {html.escape(reviewer.strip())}, "
+              f"{now.strftime('%Y-%m-%d %H:%M UTC')}, {html.escape(decision)}<!-- /status -->")
+    with atomic_path(target) as tmp:  # the header must not still call the signed copy a draft
+        tmp.write_text(STATUS.sub(lambda _: status, SIGN_OFF.sub(lambda _: block, text, count=1), count=1))
     Ledger(reports / AUDIT).record("sign", patient_id, "signed", version=version, reviewer=reviewer.strip(),
                                    role=role.strip(), decision=decision, comment=comment.strip(),
                                    draft_sha256=_sha256(draft), signed_sha256=_sha256(target), file=target.name)
