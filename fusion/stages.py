@@ -208,7 +208,7 @@ def train_stage(layout: RunLayout, cohort: Cohort, config: TrainConfig, on_epoch
     from fusion.train.baselines import BASELINES, cross_validate_baseline
     from fusion.train.data import load_bags
     from fusion.train.folds import ensure_fold_table
-    from fusion.train.loop import MULTIMODAL, cross_validate
+    from fusion.train.loop import MULTIMODAL, cross_validate, model_inputs
 
     out = layout.model_dir(config.model if config.task == "survival" else f"{config.model}-classification")
     clean_partials(layout)  # checkpoints half-written by a killed training
@@ -216,7 +216,7 @@ def train_stage(layout: RunLayout, cohort: Cohort, config: TrainConfig, on_epoch
     # (both change the inputs hash, so a model trained on them is not taken as current).
     fail_missing_slides(layout, cohort, "train", config.tile_set)
     _drop_damaged_features(layout, cohort, config)
-    if config.model not in BASELINES:  # a tile model never trains silently on no tiles at all
+    if "tiles" in model_inputs(config.model) and len(cohort.slides):  # never silently trained on no tiles
         _check_features_exist(layout, config.encoder, config.tile_set)
     folds = ensure_fold_table(layout.root, cohort, config.folds, config.seed)  # one table for every model
     inputs_hash = hash_config({"inputs": training_inputs_hash(layout, cohort, config), "folds": folds.fingerprint})
