@@ -20,7 +20,7 @@ from flows.runners import dask_cluster, slide_task_runner
 from flows.tiling import tile_cohort
 from fusion.pipeline_config import load_pipeline_config
 from fusion.preflight import check_serve
-from fusion.run import init_run, open_run
+from fusion.run import RunLayout, init_run, open_run
 from fusion.scoring import (
     intake_inbox,
     merge_predictions,
@@ -30,6 +30,7 @@ from fusion.scoring import (
     released_patients,
     retract,
     scored,
+    share_encoders,
     subset_cohort,
     unscored,
 )
@@ -102,6 +103,7 @@ def score_inbox(config_path: str) -> dict:
         return result
     run = str(init_run(run_dir, cohort_dir).root)
     layout, cohort = open_run(run)
+    share_encoders(RunLayout(Path(config.run)), layout, encoder)  # new patients encoded by the training weights
     todo = unscored(layout, cohort, model_dir.name)
     scores: list[dict] = []
     if todo:
@@ -144,7 +146,8 @@ def _score(config, run: str, cohort_dir: Path, model_dir: str, todo: list[str], 
         tiled = tile_cohort.with_options(task_runner=runner)(str(cohort_dir), run, config.tiling.build(),
                                                              config.tiling.mpp, tile_set)
         ok = [r["slide_id"] for r in tiled if r["status"] != "failed" and r["slide_id"] in slides]
-        extracted = extract_cohort.with_options(task_runner=runner)(run, [encoder], config.extract.build(), tile_set,
+        extracted = extract_cohort.with_options(task_runner=runner)(run, encoder.split("+"), config.extract.build(),
+                                                                    tile_set,
                                                                     slides=ok, gpu_slots=config.extract.gpu_slots)
     bad = {r["slide_id"]: r["error"] for r in tiled + extracted if r["status"] == "failed" and r["slide_id"] in slides}
     owner = dict(zip(cohort.slides.slide_id, cohort.slides.patient_id, strict=True))

@@ -29,7 +29,7 @@ import pandas as pd
 from fusion.cohort import COHORT_FILE, Cohort, CohortSpec, load_cohort, load_spec, read_table
 from fusion.errors import CohortError
 from fusion.run import RunLayout
-from fusion.storage import Ledger, atomic_path, read_json, sweep_partials, write_table, write_text
+from fusion.storage import Ledger, atomic_path, file_fingerprint, read_json, sweep_partials, write_table, write_text
 
 FAILED = "failed"  # INBOX/failed/<batch>/: the rows and files of patients that failed, and reason.txt
 _ROLES = ("slides", "patients", "genomics")
@@ -354,6 +354,28 @@ def merge_predictions(layout: RunLayout, model: str, scores: pd.DataFrame, batch
     return path
 
 
+def share_encoders(training: RunLayout, scoring: RunLayout, encoder: str) -> list[str]:
+    """Copy into the scoring run each encoder of `encoder` ('morph+mocov3') that the training run
+    pretrained (RUN/encoders/<name>), so that new patients are encoded by the weights the model was
+    trained on; an encoder already there with the same weights is kept. Returns the names copied."""
+    copied = []
+    for name in encoder.split("+"):
+        source, target = training.encoder_dir(name), scoring.encoder_dir(name)
+        weights = source / "model.safetensors"
+        if not (source / "config.json").exists() or not weights.exists():
+            continue  # a registered encoder (morph, timm, a foundation model): nothing to share
+        if (target / "model.safetensors").exists() and \
+                file_fingerprint(target / "model.safetensors") == file_fingerprint(weights):
+            continue
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(source, partial)
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+        copied.append(name)
+    return copied
+
+
 def model_encoder(model_dir: str | Path) -> tuple[str, str]:
     """(encoder, tile set) a trained model's features came from, read from its first fold's config."""
     config = read_json(Path(model_dir) / "fold-0" / "config.json")
@@ -361,4 +383,5 @@ def model_encoder(model_dir: str | Path) -> tuple[str, str]:
 
 
 __all__ = ["intake_inbox", "Intake", "released_patients", "trained_on", "move_to_failed", "release_inbox", "retract",
-           "unscored", "scored", "subset_cohort", "merge_predictions", "model_encoder", "predictions_path"]
+           "unscored", "scored", "subset_cohort", "merge_predictions", "model_encoder", "predictions_path",
+           "share_encoders"]

@@ -7,9 +7,10 @@
 `make demo` times its steps with `timed` (into data/demo/timings.json) and prints the numbers with
 `show`; `make readme-numbers` rewrites the block of README.md between `<!-- demo-numbers -->` and
 `<!-- /demo-numbers -->` with `update`, and the comparison of every model between `<!-- demo-results -->`
-and `<!-- /demo-results -->` (from RUN/analysis/comparison.csv), leaving every other line as it was. Counts come from the run
-folder (cohort tables, tile files, reports); the pipeline's stages are timed from its ledger: each
-stage ends at its last ledger line of that pipeline run, and starts where the stage before it ended.
+and `<!-- /demo-results -->` (from RUN/analysis/comparison.csv), leaving every other line as it was.
+Counts come from the run folder (cohort tables, tile files, reports); the pipeline's stages are timed
+from its ledger: each stage ends at its last ledger line of that pipeline run, and starts where the
+stage before it ended.
 """
 
 from __future__ import annotations

@@ -168,3 +168,26 @@ def test_scoring_twice_scores_nothing_twice(trained_setup, tmp_path):
     assert sorted(e["item"] for e in refused) == sorted(first["patients"])
     assert pd.read_csv(inbox / "patients.csv").empty
     assert len(pd.read_csv(inbox / "failed" / third["batch"] / "patients.csv")) == INBOX_PATIENTS
+
+
+def test_scoring_encodes_new_patients_with_the_training_runs_pretrained_encoders(tmp_path):
+    """A model on 'morph+mocov3' scores new patients only if they are encoded by the weights it was
+    trained on: the scoring run gets a copy of the training run's pretrained encoder (and a fresh copy
+    when those weights change), registered encoders are left alone."""
+    from fusion.run import RunLayout
+    from fusion.scoring import share_encoders
+
+    training, scoring = RunLayout(tmp_path / "train"), RunLayout(tmp_path / "score")
+    source = training.encoder_dir("mocov3")
+    source.mkdir(parents=True)
+    (source / "config.json").write_text('{"method": "mocov3"}')
+    (source / "model.safetensors").write_bytes(b"weights-1")
+    scoring.root.mkdir()
+    assert share_encoders(training, scoring, "morph+mocov3") == ["mocov3"]
+    assert (scoring.encoder_dir("mocov3") / "model.safetensors").read_bytes() == b"weights-1"
+    assert not scoring.encoder_dir("morph").exists()
+    assert share_encoders(training, scoring, "morph+mocov3") == []  # same weights: kept
+    (source / "model.safetensors").write_bytes(b"weights-2")
+    assert share_encoders(training, scoring, "morph+mocov3") == ["mocov3"]
+    assert (scoring.encoder_dir("mocov3") / "model.safetensors").read_bytes() == b"weights-2"
+    assert not list(scoring.root.glob("encoders/*.partial"))

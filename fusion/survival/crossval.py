@@ -162,7 +162,8 @@ def fold_mean_c(oof: OutOfFold, n_boot: int = 1000, seed: int = 0) -> dict:
     """Harrell's C per test fold, their mean and sd, and the within-fold bootstrap 95% interval."""
     folds = harrell_per_fold(oof.preds)
     values = np.array(list(folds.values()), float)
-    low, high = fold_bootstrap(oof.preds, _harrell, n_boot, seed, stat_many=_harrell_many) if n_boot else (float("nan"),) * 2
+    low, high = (fold_bootstrap(oof.preds, _harrell, n_boot, seed, stat_many=_harrell_many) if n_boot
+                 else (float("nan"),) * 2)
     return {"c_index_mean": float(np.nanmean(values)), "c_index_sd": float(np.nanstd(values, ddof=1)),
             "c_index_ci": [low, high], "c_index_folds": [folds[f] for f in sorted(folds)]}
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 from sksurv.metrics import concordance_index_censored
 
-
 TIED_RISK = 1e-8  # sksurv's tied_tol
 
 
