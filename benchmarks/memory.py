@@ -119,6 +119,8 @@ def main() -> None:
                         help="cases run at once (each in its own process: peaks are per process; seconds grow)")
     parser.add_argument("--only", choices=["24 patients", "vs tiles", "vs patients"],
                         help="measure one series again, keeping the other rows of the last results file")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help="models of the 24-patient case to measure (with --only, the other rows are kept)")
     baseline_arg(parser)
     parser.add_argument("--baseline-models", default="abmil",
                         help="models measured with --baseline at full size (the old code peaks at 8-10 GiB each)")
@@ -126,7 +128,7 @@ def main() -> None:
     big = 10_000 if args.quick else 100_000
     base_models = args.baseline_models.split(",") if args.baseline else []
     full = make_run(24, big)
-    cases = [("24 patients", model, 24, big, full) for model in MODELS]
+    cases = [("24 patients", model, 24, big, full) for model in args.models.split(",")]
     cases += [("vs tiles", "abmil", 24, tiles, make_run(24, tiles)) for tiles in ([1_000] if args.quick else
                                                                                  [1_000, 10_000])]
     cases += [("vs patients", "abmil", patients, big, full) for patients in (12, 18)]
@@ -145,7 +147,9 @@ def main() -> None:
         rows = list(pool.map(one, cases))
     last = RESULTS / f"memory{'-quick' if args.quick else ''}-{machine_tag()}.json"
     if args.only and last.exists():
-        rows = [r for r in json.loads(last.read_text())["rows"] if r["case"] != args.only] + rows
+        measured = {(r["case"], r["model"], r["patients"], r["tiles/patient"]) for r in rows}
+        rows = [r for r in json.loads(last.read_text())["rows"]
+                if (r["case"], r["model"], r["patients"], r["tiles/patient"]) not in measured] + rows
     order = ["24 patients", "vs tiles", "vs patients"]
     rows.sort(key=lambda r: (order.index(r["case"]), r["patients"], r["tiles/patient"]))
     notes = (f"Peak resident memory of the whole process (imports included, ~0.7 GiB) during `load_bags` + a "
