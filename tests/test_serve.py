@@ -86,7 +86,7 @@ def prefect_server(tmp_path):
 def trained_setup(tiny_cohort, tiny_run, tmp_path) -> Path:
     """A training run with a small abmil, an inbox holding 3 patients, and the config naming both."""
     run = tmp_path / "train-run"
-    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("models", "ledger.jsonl"))
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("models", "ledger.jsonl", "folds.*"))
     layout, cohort = open_run(run)
     train_stage(layout, cohort, TrainConfig(folds=2, epochs=2, patience=2))
 

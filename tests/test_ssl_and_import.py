@@ -56,8 +56,8 @@ def test_mocov3_encoder_beats_random_init_under_stain_shift(tiny_run, tiny_cohor
     config = PretrainConfig(method="mocov3", epochs=6, tiles=1536, seed=0)
     out = pretrain_stage(layout, cohort, config)
     assert (out / "model.safetensors").exists()
-    ssl = build_encoders(["mocov3"], layout)[0]  # registered by name within the run
-    assert ssl.name == "ssl-mocov3" and ssl.dim == config.dim
+    ssl = build_encoders(["mocov3"], layout)[0]  # registered by name within the run, features under that name
+    assert ssl.name == "mocov3" and ssl.dim == config.dim
     torch.manual_seed(0)
     random = Encoder("random", SSLEncoder(backbone(config), config.size).eval(), config.size, config.dim, "r")
     tiles, labels = _pure_tiles(run, tiny_cohort, config.size)
