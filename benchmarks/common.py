@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -46,13 +47,10 @@ def run_isolated(code: str, baseline: str | None = None, python: str | None = No
         "\nimport json as _j, re as _re\n"
         "_hwm = int(_re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
         "print(_j.dumps({'peak_rss_mib': _hwm / 1024}))\n")
-    env = None
-    if baseline:  # another version of the code (a folder holding a `fusion` package) shadows the installed one
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [baseline, os.environ.get("PYTHONPATH")]))}
     # -P: no current directory on sys.path, or a run from the repository would import its `fusion`, not the
     # baseline's (PYTHONPATH comes after the current directory).
     done = subprocess.run([python or sys.executable, "-P", "-c", wrapper], capture_output=True, text=True,
-                          check=False, env=env)
+                          check=False, env=baseline_env(baseline))
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-2000:])
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -60,6 +58,25 @@ def run_isolated(code: str, baseline: str | None = None, python: str | None = No
     for d in lines:
         result.update(d)
     return result
+
+
+def baseline_env(baseline: str | None) -> dict | None:
+    """The environment of a child interpreter: with `baseline` (a folder holding another version of the
+    `fusion` package), that version shadows the installed one; None keeps this one."""
+    if not baseline:
+        return None
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [baseline, os.environ.get("PYTHONPATH")]))}
+
+
+def timed_python(code: str, baseline: str | None = None, check: bool = True) -> tuple[float, float, str]:
+    """(wall s, CPU s of the child, its stdout) of `python -P -c code` in a fresh interpreter."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-P", "-c", code], env=baseline_env(baseline), capture_output=True,
+                          text=True, check=check)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), done.stdout
 
 
 # Paste into a snippet after its imports: resets the kernel's peak-RSS mark (Linux clear_refs).

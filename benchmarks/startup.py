@@ -12,14 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import baseline_arg, load_average, median, write_results  # noqa: E402
+from common import baseline_arg, load_average, median, timed_python, write_results  # noqa: E402
 
 TARGET_S = 0.25
 HELP = "import sys; sys.argv = ['fusion', '--help']; from fusion.cli import app; app()"
@@ -28,15 +26,8 @@ HEAVY = "import sys; import fusion.cli, fusion.wsi, fusion.cohort; print(sorted(
 
 def run(code: str, baseline: str | None) -> tuple[float, float]:
     """(wall s, CPU s) of `python -c code` in a fresh interpreter."""
-    env = dict(os.environ)
-    if baseline:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [baseline, env.get("PYTHONPATH")]))
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t = time.perf_counter()
-    subprocess.run([sys.executable, "-P", "-c", code], env=env, capture_output=True, check=False)
-    wall = time.perf_counter() - t
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    wall, cpu, _ = timed_python(code, baseline, check=False)
+    return wall, cpu
 
 
 def main() -> None:

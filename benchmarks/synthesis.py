@@ -14,15 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import baseline_arg, load_average, median, write_results  # noqa: E402
+from common import baseline_arg, load_average, median, timed_python, write_results  # noqa: E402
 
 TARGET_S = 120.0
 DEMO_SLIDES, CORES = 311, 2
@@ -36,18 +33,10 @@ print(len(pd.read_csv(os.path.join(out, "slides.csv"))))
 
 def run(patients: int, baseline: str | None) -> tuple[float, float, int]:
     """(wall s, CPU s, slides) of synthesising `patients` in a fresh interpreter."""
-    env = dict(os.environ)
-    if baseline:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [baseline, env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory() as tmp:
         code = CODE.format(out=str(Path(tmp) / "cohort"), patients=patients, workers=os.cpu_count())
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        t = time.perf_counter()
-        done = subprocess.run([sys.executable, "-P", "-c", code], env=env, capture_output=True, text=True, check=True)
-        wall = time.perf_counter() - t
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu, int(done.stdout.split()[-1])
+        wall, cpu, stdout = timed_python(code, baseline)
+    return wall, cpu, int(stdout.split()[-1])
 
 
 def main() -> None:
