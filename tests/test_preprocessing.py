@@ -40,6 +40,28 @@ def test_spellings_of_a_level_encode_alike_and_unseen_levels_are_the_training_mi
     assert prep.unseen_levels(new.clinical.iloc[0]) == [] and prep.unseen_levels(new.clinical.iloc[3]) == []
 
 
+def test_a_stored_preprocessor_feeds_columns_in_the_order_the_model_was_trained_with(tmp_path):
+    """config.json is written with sorted keys: clinical columns stored as an object came back in
+    alphabetical order, so a reloaded fold read 'age' where it was trained on 'zeta' (and vice versa)."""
+    from fusion.errors import RunError
+    from fusion.storage import read_json, write_json
+
+    n = 8
+    clinical = pd.DataFrame({"zeta": np.linspace(0, 1, n), "stage": list("ABAB" * 2), "age": np.linspace(40, 80, n),
+                             "grade": ["1", "2"] * 4})
+    bags = Bags([f"P{i}" for i in range(n)], [np.zeros((0, 4), np.float32)] * n, np.ones(n), np.zeros(n, bool),
+                clinical=clinical, clinical_types={"zeta": "numeric", "stage": "categorical", "age": "numeric",
+                                                   "grade": "categorical"})
+    prep = Preprocessor().fit(bags)
+    write_json(tmp_path / "config.json", {"preprocessor": prep.state()})
+    again = Preprocessor.from_state(read_json(tmp_path / "config.json")["preprocessor"])
+    assert list(again.numeric) == ["zeta", "age"] and list(again.categories) == ["stage", "grade"]
+    np.testing.assert_array_equal(again.transform(bags)["clinical"], prep.transform(bags)["clinical"])
+    old = {**prep.state(), "numeric": dict(prep.numeric), "categories": prep.categories}  # the old, lossy layout
+    with pytest.raises(RunError, match="clinical column order"):
+        Preprocessor.from_state(old)
+
+
 @pytest.mark.parametrize("name", ["genomics_snn", "coattn", "biofusion"])
 def test_clinical_data_count_when_genomics_are_missing(name):
     from fusion.models import create_model

@@ -332,14 +332,23 @@ class Preprocessor:
 
     @classmethod
     def from_state(cls, state: dict) -> Preprocessor:
-        """The inverse of `state()` (as stored in a fold's config.json)."""
+        """The inverse of `state()` (as stored in a fold's config.json). The clinical columns are lists
+        of (column, ...) in the model's input order: a JSON object would come back with its keys
+        sorted (config.json is written with sorted keys) and feed the model its columns permuted."""
+        from fusion.errors import RunError
+
         state = dict(state)
-        state["numeric"] = {k: tuple(v) for k, v in state["numeric"].items()}
+        if isinstance(state["numeric"], dict) or isinstance(state["categories"], dict):
+            raise RunError("this model was trained before its clinical column order was stored (it may read its "
+                           "clinical covariates in another order than it was trained with): retrain the model")
+        state["numeric"] = {col: (float(mean), float(std)) for col, mean, std in state["numeric"]}
+        state["categories"] = {col: list(levels) for col, levels in state["categories"]}
         return cls(**state)
 
     def state(self) -> dict:
         return {"max_genes": self.max_genes, "genes": self.genes, "gene_mean": self.gene_mean,
-                "gene_std": self.gene_std, "numeric": self.numeric, "categories": self.categories,
+                "gene_std": self.gene_std, "numeric": [[col, *ms] for col, ms in self.numeric.items()],
+                "categories": [[col, levels] for col, levels in self.categories.items()],
                 "category_freq": self.category_freq}
 
 
