@@ -373,7 +373,7 @@ def training_inputs_hash(layout: RunLayout, cohort: Cohort, config: TrainConfig)
                 features[key] = [str(attrs.get(k)) for k in ("tiles_hash", "encoder_version", "min_sharpness")]
     return hash_config({"features": features, "patients": table_hash(cohort.patients),
                         "genomics": None if cohort.genomics is None else table_hash(cohort.genomics),
-                        "config": asdict(config)})
+                        "config": asdict(config), "seeds_default": os.environ.get("FUSION_SEEDS", "")})
 
 
 def table_hash(df: pd.DataFrame) -> str:

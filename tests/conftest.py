@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# One network per fold in tests (and the CLIs they start): by default a 60-patient cohort trains a seed
+# ensemble of 5; tests/test_train.py::test_seed_ensemble* exercise that default with it unset.
+os.environ.setdefault("FUSION_SEEDS", "1")
 
 from fusion.synth import SynthConfig, synthesize_cohort  # noqa: E402
 

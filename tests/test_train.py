@@ -247,3 +247,52 @@ def test_patients_with_unknown_outcome_are_not_trained_on(tiny_run, tmp_path):
     summary = train_stage(layout, cohort, TrainConfig(model="clinical_cox", folds=3))
     preds = pd.read_parquet(layout.model_dir("clinical_cox") / "predictions.parquet")
     assert summary["n_patients"] == 57 and not set(unknown) & set(preds.patient_id)
+
+
+def test_seed_ensemble_size_follows_the_cohort_and_can_be_set(monkeypatch):
+    monkeypatch.delenv("FUSION_SEEDS", raising=False)
+    auto = TrainConfig(model="genomics_snn")
+    assert [auto.ensemble_size(n) for n in (100, 499, 500, 1999, 2000)] == [5, 5, 3, 3, 1]
+    assert TrainConfig(model="genomics_snn", seeds=2).ensemble_size(100) == 2
+    assert TrainConfig(model="coxnet").ensemble_size(100) == 1  # a deterministic fit is not repeated
+    monkeypatch.setenv("FUSION_SEEDS", "1")
+    assert auto.ensemble_size(100) == 1
+    monkeypatch.setenv("FUSION_SEEDS", "many")
+    with pytest.raises(ValueError, match="FUSION_SEEDS must be a whole number"):
+        auto.ensemble_size(100)
+    with pytest.raises(ValueError, match="seeds must be >= 0"):
+        TrainConfig(seeds=-1)
+
+
+def test_seed_ensemble_trains_members_on_their_own_splits_and_reloads_as_one_model(tiny_run, tmp_path, monkeypatch):
+    """Two members per fold: each early-stops on its own inner split; the saved fold reloads as one model
+    whose risks are the members' standardised mean and reproduce the fold's test predictions."""
+    import dataclasses
+
+    import torch
+
+    from fusion.models.ensemble import SeedEnsemble
+    from fusion.train.data import Preprocessor
+    from fusion.train.loop import cross_validate
+
+    monkeypatch.delenv("FUSION_SEEDS", raising=False)
+    layout, cohort = open_run(tiny_run)
+    bags, _ = load_bags(layout, cohort, "morph", keep_without_tiles=True)
+    config = TrainConfig(model="genomics_snn", folds=3, epochs=8, seeds=2)
+    summary = cross_validate(bags, config, tmp_path)
+    metrics = json.loads((tmp_path / "fold-0" / "metrics.json").read_text())
+    assert [m["member"] for m in metrics["ensemble"]] == [0, 1]
+    model, saved = load_checkpoint(tmp_path / "fold-0")
+    assert isinstance(model, SeedEnsemble) and len(model.members) == 2 and saved["ensemble"] == 2
+    first, second = (next(m.parameters()) for m in model.members)
+    assert not torch.equal(first, second)  # own seeds: different networks
+    preds = pd.read_parquet(tmp_path / "fold-0" / "predictions.parquet")
+    test = bags.subset([bags.ids.index(p) for p in preds.patient_id])
+    test = dataclasses.replace(test, tab=Preprocessor.from_state(saved["preprocessor"]).transform(test))
+    risk = predict_risk(model, test, torch.device("cpu"))
+    np.testing.assert_allclose(risk, preds.risk, rtol=1e-5, atol=1e-5)
+    # the ensemble's risk is the mean of the members' risks, each standardised on the training fold
+    members = np.stack([predict_risk(m, test, torch.device("cpu")) for m in model.members])
+    scaled = (members - model.risk_mean.numpy()[:, None]) / model.risk_std.numpy()[:, None]
+    np.testing.assert_allclose(risk, scaled.mean(0), rtol=1e-5, atol=1e-5)
+    assert np.isfinite(summary["c_index_mean"])

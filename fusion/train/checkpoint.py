@@ -47,7 +47,13 @@ def load_checkpoint(folder: str | Path, device: str = "cpu") -> tuple[nn.Module,
     if config.get("config_sha256") != config_digest(config):
         raise ValueError(f"{folder / CONFIG} was changed after training (or saved before config checksums): "
                          "refusing to load; train the model again")
-    model = create_model(config["model"], **config["model_kwargs"])
+    n_members = int(config.get("ensemble", 1))
+    if n_members > 1:  # a seed ensemble (fusion.models.ensemble): members of one architecture
+        from fusion.models.ensemble import SeedEnsemble
+
+        model = SeedEnsemble([create_model(config["model"], **config["model_kwargs"]) for _ in range(n_members)])
+    else:
+        model = create_model(config["model"], **config["model_kwargs"])
     model.load_state_dict(load_file(str(folder / WEIGHTS), device=device))
     return model.eval(), config
 

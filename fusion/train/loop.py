@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ class TrainConfig:
     dropout: float = 0.25
     val_fraction: float = 0.2
     seed: int = 0
+    seeds: int = 0  # models per fold (own seed and inner split, risks averaged); 0: by training-fold size
     device: str = "auto"
     task: str = "survival"  # survival | classification (the cohort's `label` column)
     loss: str = "auto"  # cox | efron | weighted_cox | nll; auto: weighted_cox for biofusion, else cox
@@ -68,6 +70,8 @@ class TrainConfig:
         if self.extra_tile_sets and self.model not in MULTISCALE:
             raise ValueError(f"extra_tile_sets {list(self.extra_tile_sets)}: only {', '.join(sorted(MULTISCALE))} "
                              f"read several tile sets, not '{self.model}'")
+        if self.seeds < 0:
+            raise ValueError(f"seeds must be >= 0 (0 chooses by cohort size), got {self.seeds}")
         for name in ("folds", "epochs", "batch_size", "max_tiles", "hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -79,6 +83,25 @@ class TrainConfig:
             raise ValueError(f"task must be 'survival' or 'classification', got '{self.task}'")
         if self.loss not in SURVIVAL_LOSSES and self.loss not in ("auto", "nll"):
             raise ValueError(f"loss must be one of auto, nll, {', '.join(SURVIVAL_LOSSES)}; got '{self.loss}'")
+
+    def ensemble_size(self, n_train: int) -> int:
+        """Members of the seed ensemble trained per fold (`fusion.models.ensemble`): `seeds` if set, else
+        `FUSION_SEEDS` if the environment sets it (a machine-wide default, e.g. 1 for quick runs on a
+        laptop), else by the training fold's size, where one network's seed and early-stopping split
+        move its C most: 5 under 500 patients, 3 under 2,000, then 1. Baselines are deterministic fits:
+        always 1. A fold's resume hash includes the resolved number."""
+        from fusion.train.baselines import BASELINES
+
+        if self.model in BASELINES:
+            return 1
+        if self.seeds:
+            return self.seeds
+        env = os.environ.get("FUSION_SEEDS", "").strip()
+        if env:
+            if not env.isdigit() or int(env) < 1:
+                raise ValueError(f"FUSION_SEEDS must be a whole number >= 1, got {env!r}")
+            return int(env)
+        return 5 if n_train < 500 else 3 if n_train < 2000 else 1
 
     @property
     def discrete(self) -> bool:
@@ -348,6 +371,44 @@ def finished_fold(fold_dir: Path, fold_hash: str) -> tuple[dict, pd.DataFrame] |
         return None
 
 
+MEMBER_STRIDE = 7919  # seed offset between ensemble members (a prime: no collision with fold offsets)
+
+
+def _fit_members(train: Bags, config: TrainConfig, k: int, device: torch.device, on_epoch,
+                 prep: Preprocessor, edges: torch.Tensor | None) -> tuple[torch.nn.Module, list[dict], list[dict]]:
+    """Fold `k`'s model: one network, or a `SeedEnsemble` of `config.ensemble_size` members, each with its
+    own seed and its own stratified inner early-stopping split of the training fold. Members' risks are
+    standardised by their own training-fold risks before averaging. Returns (model, the first member's
+    history, one record per member)."""
+    from fusion.models.ensemble import SeedEnsemble
+
+    classify = config.task == "classification"
+    n_members = config.ensemble_size(len(train))
+    models, records, history = [], [], []
+    for m in range(n_members):
+        offset = MEMBER_STRIDE * m
+        fit_idx, val_idx = inner_split(train.label if classify else train.event, config.val_fraction,
+                                       config.seed + k + offset)
+        progress = None
+        if on_epoch:  # the fold's bar advances through every member's epochs
+            progress = lambda e, r, m=m: on_epoch(k, (m * config.epochs + e) // n_members, r)  # noqa: E731
+        model, member_history = fit(train.subset(fit_idx), train.subset(val_idx), config,
+                                    seed=config.seed * 1000 + k + offset, on_epoch=progress, prep=prep, edges=edges)
+        val_key = "val_auc" if classify else "val_c_index"
+        best = int(np.argmax([np.nan_to_num(h[val_key], nan=0.5) for h in member_history]))
+        records.append({"member": m, "n_fit": len(fit_idx), "n_val": len(val_idx), "best_epoch": best,
+                        val_key: member_history[best][val_key]})
+        models.append(model)
+        history = history or member_history
+    if n_members == 1:
+        return models[0], history, records
+    ensemble = SeedEnsemble(models).to(device)
+    if not classify and edges is None:
+        risks = np.stack([predict_risk(member, train, device) for member in models])
+        ensemble.set_risk_scale(torch.from_numpy(risks.mean(1)), torch.from_numpy(risks.std(1)))
+    return ensemble.eval(), history, records
+
+
 def _train_fold(bags: Bags, config: TrainConfig, k: int, train_idx: np.ndarray, test_idx: np.ndarray,
                 fold_dir: Path, device: torch.device, on_epoch, hashes: dict) -> tuple[dict, pd.DataFrame]:
     """Train fold `k` and write its checkpoint, predictions and (last) metrics; returns (metrics, predictions).
@@ -361,14 +422,12 @@ def _train_fold(bags: Bags, config: TrainConfig, k: int, train_idx: np.ndarray, 
     prep = Preprocessor(config.max_genes).fit(bags.subset(train_idx))
     fold_bags = dataclasses.replace(bags, tab=prep.transform(bags))  # the caller's bags stay untouched
     train, test = fold_bags.subset(train_idx), fold_bags.subset(test_idx)
-    fit_idx, val_idx = inner_split(train.label if classify else train.event, config.val_fraction, config.seed + k)
     horizons = [] if classify else survival_horizons(train)
     edges, baseline = None, None
     if config.discrete:  # bins at the quantiles of the training fold's event times (MCAT)
         edges = discrete_time_bins(torch.as_tensor(train.time), torch.as_tensor(train.event), config.n_bins)
-    model, history = fit(train.subset(fit_idx), train.subset(val_idx), config, seed=config.seed * 1000 + k,
-                         on_epoch=(lambda e, r, k=k: on_epoch(k, e, r)) if on_epoch else None, prep=prep,
-                         edges=edges)
+    model, history, members = _fit_members(train, config, k, device, on_epoch, prep, edges)
+    n_fit, n_val = members[0]["n_fit"], members[0]["n_val"]
     out = predict_risk(model, test, device, hazards=edges is not None)
     preds = pd.DataFrame({"patient_id": test.ids, "fold": k, "time": test.time, "event": test.event.astype(int)})
     if classify:
@@ -393,6 +452,7 @@ def _train_fold(bags: Bags, config: TrainConfig, k: int, train_idx: np.ndarray, 
     save_checkpoint(model.cpu(), config.model, model_kwargs(config, bags, prep),
                     fold_dir, extra={"train_config": asdict(config), **hashes, "fold": k,
                                      "encoder": config.encoder, "preprocessor": prep.state(),
+                                     "ensemble": len(members),
                                      "classes": bags.classes, "horizons": horizons, "loss": config.loss_name,
                                      "bin_edges": None if edges is None else edges[1:-1].tolist(),
                                      "baseline_survival": baseline,
@@ -402,9 +462,11 @@ def _train_fold(bags: Bags, config: TrainConfig, k: int, train_idx: np.ndarray, 
     model.to(device)
     val_key = "val_auc" if classify else "val_c_index"
     metrics = {"fold": k, metric: score, "n_test": len(test), "n_test_events": int(test.event.sum()),
-               "n_train": len(fit_idx), "n_val": len(val_idx), "horizons": horizons,
+               "n_train": n_fit, "n_val": n_val, "horizons": horizons,
                "best_epoch": int(np.argmax([np.nan_to_num(h[val_key], nan=0.5) for h in history])),
                "history": history, "inputs_hash": hashes["inputs_hash"]}
+    if len(members) > 1:
+        metrics["ensemble"] = members
     if not classify:
         metrics["train_risk_cutoffs"] = risk_cutoffs(train_risk)
     write_table(fold_dir / "predictions.parquet", preds)
@@ -442,7 +504,8 @@ def cross_validate(bags: Bags, config: TrainConfig, out_dir: str | Path,
     for k, (train_idx, test_idx) in enumerate(folds.splits(bags.ids)):
         fold_dir = out_dir / f"fold-{k}"
         # What this fold's artifacts are a function of: a finished fold with the same hash is reused.
-        fold_hash = hash_config({"config": config_hash, "data": data_hash, "fold": k, "folds": folds.fingerprint})
+        fold_hash = hash_config({"config": config_hash, "data": data_hash, "fold": k, "folds": folds.fingerprint,
+                                 "ensemble": config.ensemble_size(len(train_idx))})
         finished = finished_fold(fold_dir, fold_hash)
         if finished is None:
             finished = _train_fold(bags, config, k, train_idx, test_idx, fold_dir, device, on_epoch,
