@@ -85,7 +85,8 @@ def _guarded(layout: RunLayout, step: str, item: str, fn: Callable[[], dict],
     status = "skipped" if result.get("skipped") else "done"
     layout.ledger.record(step, item, status, inputs_hash=result.get("inputs_hash"),
                          outputs=result.get("outputs"), seconds=round(time.perf_counter() - start, 3),
-                         n_tiles=result.get("n_tiles"), **fields)
+                         n_tiles=result.get("n_tiles"), **({"phase_seconds": result["phase_seconds"]}
+                                                           if result.get("phase_seconds") else {}), **fields)
     return {**result, "status": status}
 
 

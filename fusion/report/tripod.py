@@ -47,7 +47,8 @@ def tripod_items(cohort: Cohort, run: Path, results: list[dict]) -> list[dict]:
     for r in survival:
         path = run / "models" / r["model"] / "cv_metrics.json"
         if path.exists():
-            configs[r["model"]] = read_json(path).get("config", {})
+            summary = read_json(path)
+            configs[r["model"]] = {**summary.get("config", {}), "networks": max(summary.get("networks_per_fold") or [1])}
     missing = missing_data(cohort)
     best = max(survival, key=lambda r: r["harrell_c"]) if survival else None
 
@@ -82,7 +83,8 @@ def tripod_items(cohort: Cohort, run: Path, results: list[dict]) -> list[dict]:
              "missing clinical values take the training mean or mix"),
         item("12", "analytical methods", "; ".join(
             f"{m}: {c.get('model', m)}, loss {c.get('loss', 'n/a')}, {c.get('epochs', '-')} epochs max, "
-            f"lr {c.get('lr', '-')}" for m, c in configs.items()) or None),
+            f"lr {c.get('lr', '-')}" + (f", a seed ensemble of {c['networks']} networks per fold" if c["networks"] > 1
+                                         else "") for m, c in configs.items()) or None),
         item("13", "class imbalance", f"{100 * event.mean():.0f}% events; Cox losses need no resampling, batches "
              "are stratified by event, biofusion weights event terms by inverse censoring probability"),
         item("14", "fairness", None),

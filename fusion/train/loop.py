@@ -519,7 +519,8 @@ def cross_validate(bags: Bags, config: TrainConfig, out_dir: str | Path,
                f"{metric}_mean": float(np.nanmean(scores)), f"{metric}_sd": float(np.nanstd(scores, ddof=1)),
                f"{metric}_folds": scores.tolist(), "n_patients": len(bags),
                "n_events": int(bags.event.sum()), "config": asdict(config), "config_hash": config_hash,
-               "fold_table": folds.describe(), "loss": None if classify else config.loss_name}
+               "fold_table": folds.describe(), "loss": None if classify else config.loss_name,
+               "networks_per_fold": [len(m.get("ensemble", [])) or 1 for m in fold_metrics]}
     if classify:
         summary["classes"] = bags.classes
     else:

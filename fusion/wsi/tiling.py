@@ -8,6 +8,7 @@ resolution), `patch_level` (the pyramid level to read from), `patch_size_level0`
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -145,9 +146,12 @@ def tile_slide(
                 return {"slide_id": slide_id, "n_tiles": int(f["coords"].shape[0]), "skipped": True,
                         "inputs_hash": inputs_hash, "outputs": [str(h5_path), str(qc_path)]}
 
+    clock = _PhaseClock()
     with open_slide(slide_path, mpp=mpp) as slide, _cv2_threads(1):
         seg_rgb, seg_downsample = segmentation_image(slide, config.tissue.seg_mpp)
+        clock.lap("read")
         mask, ink = segment(seg_rgb, slide.mpp * seg_downsample, config.tissue)
+        clock.lap("segment")
         grid = tile_grid(mask, seg_downsample, slide, config, ink)
         attrs = {
             "patch_size": config.patch_size,
@@ -170,15 +174,31 @@ def tile_slide(
             "tiler_version": TILER_VERSION,
         }
         write_coords(h5_path, grid.coords, attrs, tissue_fraction=grid.tissue_fraction)
+        clock.lap("grid")
         qc_rgb, qc_downsample = qc_image(slide, seg_rgb, seg_downsample)
         caption = QCCaption(slide_id, len(grid.coords), config.patch_size, config.target_mpp,
                             attrs["tissue_area_mm2"], attrs["ink_area_mm2"])
         write_qc_picture(qc_path, qc_picture(qc_rgb, slide.mpp * qc_downsample, mask, ink,
                                              grid.coords / qc_downsample, grid.patch_size_level0 / qc_downsample,
                                              caption))
+        clock.lap("qc")
     return {"slide_id": slide_id, "n_tiles": int(len(grid.coords)), "skipped": False,
             "inputs_hash": inputs_hash, "outputs": [str(h5_path), str(qc_path)],
-            "tissue_area_mm2": attrs["tissue_area_mm2"]}
+            "tissue_area_mm2": attrs["tissue_area_mm2"], "phase_seconds": clock.seconds}
+
+
+class _PhaseClock:
+    """Wall seconds of each phase of one slide's tiling (open + read, segment, grid + coords, QC picture):
+    returned with the summary, so a benchmark or a slow slide shows where the time went."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self._last, 4)
+        self._last = now
 
 
 @contextmanager
@@ -214,7 +234,9 @@ def read_coords(path: str | Path) -> tuple[np.ndarray, dict]:
 
 def qc_image(slide: Slide, seg_rgb: np.ndarray, seg_downsample: float) -> tuple[np.ndarray, float]:
     """The slide at about QC_LONG_SIDE px on its long side and its downsample from level 0: the
-    segmentation image when it is that large (big slides), else a finer read of the pyramid."""
-    if max(seg_rgb.shape[:2]) >= QC_LONG_SIDE:
+    segmentation image when it is at least two thirds as large (big slides: enlarged at most 1.5x, the
+    outlines are drawn at full size anyway), else a finer read of the pyramid (a second read that costs
+    about as much as the segmentation)."""
+    if max(seg_rgb.shape[:2]) * 3 >= QC_LONG_SIDE * 2:
         return seg_rgb, seg_downsample
     return segmentation_image(slide, max(slide.dimensions) * slide.mpp / QC_LONG_SIDE)
