@@ -77,3 +77,10 @@ def test_clinical_data_count_when_genomics_are_missing(name):
     # ... and what a patient without genomics has in its genomics row does not matter
     other = model(x, mask, genomics=genomics + 5, genomics_mask=absent, clinical=torch.zeros(2, 3))["risk"]
     assert torch.allclose(other, risk[0], atol=1e-5)
+
+
+def test_gene_groups_come_from_pathway_prefixes_not_from_probe_ids():
+    prep = Preprocessor(genes=[f"{p}_G{i}" for p in ("WNT", "TP53", "MYC") for i in range(4)])
+    assert prep.groups == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    probes = Preprocessor(genes=[f"X2007{i:02d}_at" for i in range(40)])  # one "prefix" per gene: no pathways
+    assert probes.groups == [list(range(16)), list(range(16, 32)), list(range(32, 40))]

@@ -283,9 +283,10 @@ class Preprocessor:
 
     @property
     def groups(self) -> list[list[int]]:
-        """Gene groups by the prefix of their names (`PATHWAY_gene`), else chunks of 16."""
+        """Gene groups by the prefix of their names (`PATHWAY_gene`), else chunks of 16. Prefixes that
+        name one gene each on average (microarray probe ids such as `X200726_at`) are not groups."""
         prefixes = [g.rsplit("_", 1)[0] if "_" in g else "" for g in self.genes]
-        if len(set(prefixes)) > 1 and all(prefixes):
+        if 1 < len(set(prefixes)) <= len(self.genes) // 2 and all(prefixes):
             names = list(dict.fromkeys(prefixes))
             return [[i for i, p in enumerate(prefixes) if p == n] for n in names]
         return [list(range(i, min(i + 16, len(self.genes)))) for i in range(0, len(self.genes), 16)] or [[0]]
