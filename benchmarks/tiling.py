@@ -195,7 +195,7 @@ def main() -> None:
              "in a fresh process (opening the slide included, imports excluded), and the ratio is taken within the "
              "round; 'without QC picture' leaves out the slide's QC picture (`<slide>.tissue.png`), and the phase "
              "columns are `tile_slide`'s own timings (read: open the slide and make the segmentation image; grid: "
-             "grid, ink check and coords .h5). Tiles of 256 px at 0.5 um/px; tissue at 8 um/px. Targets: tiling / read <= {TARGET_RATIO}, "
+             f"grid, ink check and coords .h5). Tiles of 256 px at 0.5 um/px; tissue at 8 um/px. Targets: tiling / read <= {TARGET_RATIO}, "
              f"recall >= {TARGET_RECALL}, precision >= {TARGET_PRECISION}, no tile with > 5 % ink. 'load avg' is "
              "the machine's 1-minute load average during the rounds (other jobs share the 2 cores).")
     if others:
