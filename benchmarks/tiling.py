@@ -181,7 +181,7 @@ def main() -> None:
             "slide": name, "level-0 px": f"{px:,} x {int(px * 0.75):,}", "mpp": mpp, "tiles": len(coords),
             "read seg level (s)": median(reads), "tiling (s)": median(tiles), "tiling / read": ratio,
             "target ratio": f"<= {TARGET_RATIO}", "without QC picture / read": median(no_qc),
-            **{f"{phase} (s)": median_phase(phase, tiles_phases) for phase in ("read", "segment", "grid", "qc")},
+            **{f"{phase} (s)": median([r[phase] for r in tiles_phases]) for phase in ("read", "segment", "grid", "qc")},
             **({"baseline tiling / read": median(base_ratios)} if base_ratios else {}), **scores,
             "meets targets": bool(ratio <= TARGET_RATIO and scores["recall"] >= TARGET_RECALL
                                   and scores["precision"] >= TARGET_PRECISION and scores["ink tiles"] == 0),
@@ -195,7 +195,8 @@ def main() -> None:
              "in a fresh process (opening the slide included, imports excluded), and the ratio is taken within the "
              "round; 'without QC picture' leaves out the slide's QC picture (`<slide>.tissue.png`), and the phase "
              "columns are `tile_slide`'s own timings (read: open the slide and make the segmentation image; grid: "
-             f"grid, ink check and coords .h5). Tiles of 256 px at 0.5 um/px; tissue at 8 um/px. Targets: tiling / read <= {TARGET_RATIO}, "
+             "grid, ink check and coords .h5). Tiles of 256 px at 0.5 um/px; tissue at 8 um/px. "
+             f"Targets: tiling / read <= {TARGET_RATIO}, "
              f"recall >= {TARGET_RECALL}, precision >= {TARGET_PRECISION}, no tile with > 5 % ink. 'load avg' is "
              "the machine's 1-minute load average during the rounds (other jobs share the 2 cores).")
     if others:
@@ -204,11 +205,6 @@ def main() -> None:
         notes += "| slide | " + " | ".join(columns) + " |\n|" + "---|" * (len(columns) + 1) + "\n"
         notes += "\n".join("| " + " | ".join(_cell(o.get(c, "")) for c in ["slide", *columns]) + " |" for o in others)
     print(write_results("tiling" + ("-quick" if args.quick else ""), rows, list(rows[0]), notes).read_text())
-
-
-def median_phase(phase: str, rounds: list[dict]) -> float:
-    """Median seconds of one phase of `tile_slide` over the rounds (open + read, segment, grid + coords, QC)."""
-    return median([r[phase] for r in rounds])
 
 
 def _cell(v) -> str:

@@ -48,7 +48,8 @@ def tripod_items(cohort: Cohort, run: Path, results: list[dict]) -> list[dict]:
         path = run / "models" / r["model"] / "cv_metrics.json"
         if path.exists():
             summary = read_json(path)
-            configs[r["model"]] = {**summary.get("config", {}), "networks": max(summary.get("networks_per_fold") or [1])}
+            networks = max(summary.get("networks_per_fold") or [1])  # the seed ensemble's size
+            configs[r["model"]] = {**summary.get("config", {}), "networks": networks}
     missing = missing_data(cohort)
     best = max(survival, key=lambda r: r["harrell_c"]) if survival else None
 

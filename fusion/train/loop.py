@@ -383,8 +383,9 @@ def _fit_members(train: Bags, config: TrainConfig, k: int, device: torch.device,
     from fusion.models.ensemble import SeedEnsemble
 
     classify = config.task == "classification"
+    val_key = "val_auc" if classify else "val_c_index"
     n_members = config.ensemble_size(len(train))
-    models, records, history = [], [], []
+    models, records, histories = [], [], []
     for m in range(n_members):
         offset = MEMBER_STRIDE * m
         fit_idx, val_idx = inner_split(train.label if classify else train.event, config.val_fraction,
@@ -394,19 +395,18 @@ def _fit_members(train: Bags, config: TrainConfig, k: int, device: torch.device,
             progress = lambda e, r, m=m: on_epoch(k, (m * config.epochs + e) // n_members, r)  # noqa: E731
         model, member_history = fit(train.subset(fit_idx), train.subset(val_idx), config,
                                     seed=config.seed * 1000 + k + offset, on_epoch=progress, prep=prep, edges=edges)
-        val_key = "val_auc" if classify else "val_c_index"
         best = int(np.argmax([np.nan_to_num(h[val_key], nan=0.5) for h in member_history]))
         records.append({"member": m, "n_fit": len(fit_idx), "n_val": len(val_idx), "best_epoch": best,
                         val_key: member_history[best][val_key]})
         models.append(model)
-        history = history or member_history
+        histories.append(member_history)
     if n_members == 1:
-        return models[0], history, records
+        return models[0], histories[0], records
     ensemble = SeedEnsemble(models).to(device)
     if not classify and edges is None:
         risks = np.stack([predict_risk(member, train, device) for member in models])
         ensemble.set_risk_scale(torch.from_numpy(risks.mean(1)), torch.from_numpy(risks.std(1)))
-    return ensemble.eval(), history, records
+    return ensemble.eval(), histories[0], records
 
 
 def _train_fold(bags: Bags, config: TrainConfig, k: int, train_idx: np.ndarray, test_idx: np.ndarray,
@@ -427,7 +427,6 @@ def _train_fold(bags: Bags, config: TrainConfig, k: int, train_idx: np.ndarray, 
     if config.discrete:  # bins at the quantiles of the training fold's event times (MCAT)
         edges = discrete_time_bins(torch.as_tensor(train.time), torch.as_tensor(train.event), config.n_bins)
     model, history, members = _fit_members(train, config, k, device, on_epoch, prep, edges)
-    n_fit, n_val = members[0]["n_fit"], members[0]["n_val"]
     out = predict_risk(model, test, device, hazards=edges is not None)
     preds = pd.DataFrame({"patient_id": test.ids, "fold": k, "time": test.time, "event": test.event.astype(int)})
     if classify:
@@ -460,11 +459,9 @@ def _train_fold(bags: Bags, config: TrainConfig, k: int, train_idx: np.ndarray, 
                                                                 train.tab["genomics"] if prep.genes else None,
                                                                 train.tab["genomics_mask"], train.features)})
     model.to(device)
-    val_key = "val_auc" if classify else "val_c_index"
     metrics = {"fold": k, metric: score, "n_test": len(test), "n_test_events": int(test.event.sum()),
-               "n_train": n_fit, "n_val": n_val, "horizons": horizons,
-               "best_epoch": int(np.argmax([np.nan_to_num(h[val_key], nan=0.5) for h in history])),
-               "history": history, "inputs_hash": hashes["inputs_hash"]}
+               "n_train": members[0]["n_fit"], "n_val": members[0]["n_val"], "horizons": horizons,
+               "best_epoch": members[0]["best_epoch"], "history": history, "inputs_hash": hashes["inputs_hash"]}
     if len(members) > 1:
         metrics["ensemble"] = members
     if not classify:
