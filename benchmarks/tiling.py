@@ -55,7 +55,8 @@ import h5py, openslide, tifffile  # what tile_slide imports on first use: import
 from fusion.wsi import tile_slide, TilingConfig
 t = time.perf_counter()
 r = tile_slide({path!r}, "bench", {out!r}, TilingConfig(target_mpp=0.5, patch_size=256), force=True)
-print(json.dumps({{"seconds": time.perf_counter() - t, "n_tiles": r["n_tiles"], "phases": r["phase_seconds"]}}))
+phases = r.get("phase_seconds", {{}})  # the code before issue 17 (--baseline) did not time its phases
+print(json.dumps({{"seconds": time.perf_counter() - t, "n_tiles": r["n_tiles"], "phases": phases}}))
 """
 
 # Other tilers, each in its own process of the tilers' venv; each prints seconds and its tiles' level-0 boxes.
@@ -193,7 +194,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     notes = (f"Median of {args.repeats} rounds; in each round the read and the tiling run one after the other, each "
              "in a fresh process (opening the slide included, imports excluded), and the ratio is taken within the "
-             "round; 'without QC picture' leaves out the slide's QC picture (`<slide>.tissue.png`), and the phase "
+             "round; 'without QC picture' leaves out the slide's QC picture (`<slide>.tissue.jpg`), and the phase "
              "columns are `tile_slide`'s own timings (read: open the slide and make the segmentation image; grid: "
              "grid, ink check and coords .h5). Tiles of 256 px at 0.5 um/px; tissue at 8 um/px. "
              f"Targets: tiling / read <= {TARGET_RATIO}, "

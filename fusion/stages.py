@@ -27,6 +27,7 @@ from fusion.errors import FusionError, RunError, storage_error
 from fusion.run import RunLayout, clean_partials
 from fusion.storage import file_fingerprint, hash_config, read_json, write_json
 from fusion.wsi import TilingConfig, tile_slide
+from fusion.wsi.qc import LEGACY_QC_SUFFIX, QC_SUFFIX
 from fusion.wsi.tiling import TILER_VERSION
 
 # Features and training need torch and scikit-survival (seconds to import): each function imports
@@ -107,7 +108,7 @@ def slide_outputs(layout: RunLayout, slide_id: str, tile_set: str = "", encoders
     """What the run derived from one slide in a tile set: tiles and QC picture (unless `encoders` are
     named), and the features of `encoders` (default: every encoder of the run)."""
     tiles = layout.tiles_h5(slide_id, tile_set)
-    paths = [] if encoders is not None else [tiles, tiles.with_suffix(".tissue.png")]
+    paths = [] if encoders is not None else [tiles, tiles.with_suffix(QC_SUFFIX), tiles.with_suffix(LEGACY_QC_SUFFIX)]
     if encoders is None:
         features = layout.root / "features"
         encoders = sorted(p.name for p in features.iterdir() if p.is_dir()) if features.is_dir() else []
@@ -317,7 +318,7 @@ def tiling_is_current(layout: RunLayout, slide_id: str, path: str, config: Tilin
                       mpp: float | None = None, tile_set: str = "") -> int | None:
     """The tile count of the slide's `.h5` when it was made from this slide and these parameters, else None."""
     h5_path = layout.tiles_h5(slide_id, tile_set)
-    if not (h5_path.exists() and h5_path.with_suffix(".tissue.png").exists() and Path(path).is_file()):
+    if not (h5_path.exists() and h5_path.with_suffix(QC_SUFFIX).exists() and Path(path).is_file()):
         return None
     expected = hash_config({"slide": file_fingerprint(path), "config": asdict(config), "mpp": mpp,
                             "version": TILER_VERSION})

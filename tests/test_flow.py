@@ -25,7 +25,7 @@ def test_pipeline_runs_and_resumes(tiny_cohort, tmp_path, prefect_server):
     assert (run / "summary.json").exists()
     assert json.loads((run / "models" / "abmil" / "evaluation.json").read_text())["c_index_mean"] > 0.55
     assert len(list((run / "features" / "morph").glob("*.h5"))) == n_slides
-    assert len(list((run / "tiles").glob("*.tissue.png"))) == n_slides
+    assert len(list((run / "tiles").glob("*.tissue.jpg"))) == n_slides
 
     n_entries = len(Ledger(run / "ledger.jsonl").entries())
     again = pipeline(str(tiny_cohort), str(run), train=config)

@@ -24,7 +24,7 @@ def test_tiles_fall_on_tissue_and_count_matches_truth(tiny_cohort, tmp_path):
     assert result["n_tiles"] == len(coords) > 10
     assert attrs["patch_size_level0"] == 256 and attrs["level0_mpp"] == 0.5
     assert attrs["patch_level"] == 0 and list(attrs["level_dim"]) == [2048, 1536]
-    assert (tmp_path / f"{sid}.tissue.png").exists()
+    assert (tmp_path / f"{sid}.tissue.jpg").exists()
 
     labels = _truth_labels(tiny_cohort, sid) > 0  # one label pixel = 8 level-0 pixels
     frac = lambda x, y: labels[y // 8 : (y + 256) // 8, x // 8 : (x + 256) // 8].mean()  # noqa: E731
@@ -43,6 +43,17 @@ def test_rerun_skips_and_new_parameters_redo(tiny_cohort, tmp_path):
     assert again["skipped"] and (tmp_path / f"{sid}.h5").stat().st_mtime_ns == mtime
     smaller = tile_slide(path, sid, tmp_path, TilingConfig(patch_size=128))
     assert not smaller["skipped"] and smaller["n_tiles"] > 3 * first["n_tiles"]
+
+
+def test_a_run_of_the_png_era_is_brought_up_to_date_without_new_tiles(tiny_cohort, tmp_path):
+    """Runs made before the QC pictures were JPEG hold `<slide>.tissue.png`: the slide is tiled again for its
+    picture (same coordinates, same inputs hash, so its features stay valid) and the PNG goes."""
+    sid, path = _first_slide(tiny_cohort)
+    first = tile_slide(path, sid, tmp_path)
+    (tmp_path / f"{sid}.tissue.jpg").rename(tmp_path / f"{sid}.tissue.png")
+    again = tile_slide(path, sid, tmp_path)
+    assert not again["skipped"] and again["inputs_hash"] == first["inputs_hash"]
+    assert (tmp_path / f"{sid}.tissue.jpg").exists() and not (tmp_path / f"{sid}.tissue.png").exists()
 
 
 def test_target_resolution_reads_a_coarser_level(tiny_cohort, tmp_path):

@@ -20,7 +20,7 @@ import numpy as np
 
 from fusion.errors import SlideReadError
 from fusion.storage import atomic_path, file_fingerprint, hash_config
-from fusion.wsi.qc import QC_LONG_SIDE, QCCaption, qc_picture, write_qc_picture
+from fusion.wsi.qc import LEGACY_QC_SUFFIX, QC_LONG_SIDE, QC_SUFFIX, QCCaption, qc_picture, write_qc_picture
 from fusion.wsi.slide import Slide, open_slide
 from fusion.wsi.tissue import TissueConfig, segment
 
@@ -127,7 +127,7 @@ def tile_slide(
     mpp: float | None = None,
     force: bool = False,
 ) -> dict:
-    """Tile one slide into `out_dir/<slide_id>.h5` (+ `.tissue.png` QC); skip if already done.
+    """Tile one slide into `out_dir/<slide_id>.h5` (+ `.tissue.jpg` QC picture); skip if already done.
 
     Returns a summary dict (slide_id, n_tiles, outputs, inputs_hash, skipped). The inputs hash
     covers the slide's content fingerprint and every parameter, so a changed slide or setting
@@ -137,7 +137,7 @@ def tile_slide(
     if not Path(slide_path).is_file():
         raise SlideReadError(slide_path, "file not found")
     h5_path = out_dir / f"{slide_id}.h5"
-    qc_path = out_dir / f"{slide_id}.tissue.png"
+    qc_path = out_dir / f"{slide_id}{QC_SUFFIX}"
     inputs_hash = hash_config({"slide": file_fingerprint(slide_path), "config": asdict(config),
                                "mpp": mpp, "version": TILER_VERSION})
     if not force and h5_path.exists() and qc_path.exists():
@@ -182,9 +182,11 @@ def tile_slide(
                                              grid.coords / qc_downsample, grid.patch_size_level0 / qc_downsample,
                                              caption))
         clock.lap("qc")
+    (out_dir / f"{slide_id}{LEGACY_QC_SUFFIX}").unlink(missing_ok=True)  # a PNG picture of an earlier version
     return {"slide_id": slide_id, "n_tiles": int(len(grid.coords)), "skipped": False,
             "inputs_hash": inputs_hash, "outputs": [str(h5_path), str(qc_path)],
-            "tissue_area_mm2": attrs["tissue_area_mm2"], "phase_seconds": clock.seconds}
+            "tissue_area_mm2": attrs["tissue_area_mm2"], "ink_area_mm2": attrs["ink_area_mm2"],
+            "phase_seconds": clock.seconds}
 
 
 class _PhaseClock:
