@@ -46,6 +46,7 @@ Ground truth lives in `<cohort>/truth/`, never in the tables the models read:
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -269,8 +270,11 @@ def _render_all(jobs: list, workers: int, on_slide: Callable[[int, int], None] |
             if on_slide:
                 on_slide(done, total)
         return
-    # One thread of OpenCV per process: the processes already fill the cores.
-    with ProcessPoolExecutor(workers, initializer=cv2.setNumThreads, initargs=(1,)) as pool:
+    # One thread of OpenCV per process: the processes already fill the cores. Forkserver, not fork: a fork
+    # of a process that runs threads (torch's, a test session's, Prefect's) can inherit a held lock and hang
+    # (seen: both workers idle on an empty call queue while the pool waited for them).
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
+                             initializer=cv2.setNumThreads, initargs=(1,)) as pool:
         for future in as_completed([pool.submit(_render_job, job) for job in jobs]):
             yield future.result()
             done += 1
