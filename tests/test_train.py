@@ -291,8 +291,44 @@ def test_seed_ensemble_trains_members_on_their_own_splits_and_reloads_as_one_mod
     test = dataclasses.replace(test, tab=Preprocessor.from_state(saved["preprocessor"]).transform(test))
     risk = predict_risk(model, test, torch.device("cpu"))
     np.testing.assert_allclose(risk, preds.risk, rtol=1e-5, atol=1e-5)
-    # the ensemble's risk is the mean of the members' risks, each standardised on the training fold
+    # the ensemble's risk is the mean of the members' risks, each standardised on the training fold, put back
+    # on the members' scale (so the Breslow curves are as spread as one network's, not as a unit-variance score)
     members = np.stack([predict_risk(m, test, torch.device("cpu")) for m in model.members])
-    scaled = (members - model.risk_mean.numpy()[:, None]) / model.risk_std.numpy()[:, None]
-    np.testing.assert_allclose(risk, scaled.mean(0), rtol=1e-5, atol=1e-5)
+    mean, std = model.risk_mean.numpy(), model.risk_std.numpy()
+    scaled = (members - mean[:, None]) / std[:, None]
+    np.testing.assert_allclose(risk, scaled.mean(0) * std.mean() + mean.mean(), rtol=1e-5, atol=1e-5)
+    assert saved["ensemble_risk_scale"] == "members"
     assert np.isfinite(summary["c_index_mean"])
+    # the recorded best epoch is the one whose weights were kept (best C, then lower loss), not the first best C
+    assert [h["epoch"] for h in metrics["history"] if h["kept"]] == [metrics["best_epoch"]]
+
+
+def test_seed_ensemble_keeps_the_members_scale_and_leaves_a_collapsed_member_out():
+    import torch
+    from torch import nn
+
+    from fusion.models.ensemble import SeedEnsemble
+
+    class Scaled(nn.Module):
+        def __init__(self, a: float):
+            super().__init__()
+            self.a = a
+
+        def forward(self, x):
+            return {"risk": self.a * x, "attention": torch.full_like(x, self.a)}
+
+    x = torch.linspace(-2, 2, 9)
+    ensemble = SeedEnsemble([Scaled(0.5), Scaled(1.5)])
+    ensemble.set_risk_scale(torch.tensor([0.0, 0.0]), torch.tensor([0.5, 1.5]))
+    out = ensemble(x)
+    torch.testing.assert_close(out["risk"], x)  # both members say x in units of 1 after scaling: mean sd 1.0
+    torch.testing.assert_close(out["attention"], torch.ones_like(x))  # other outputs: the plain mean
+    old = SeedEnsemble([Scaled(0.5), Scaled(1.5)], risk_scale="unit")
+    old.set_risk_scale(torch.tensor([0.0, 0.0]), torch.tensor([0.5, 1.5]))
+    torch.testing.assert_close(old(x)["risk"], x)  # unit variance: x here has sd 1 by construction of the scale
+    collapsed = SeedEnsemble([Scaled(1e-9), Scaled(2.0)])
+    collapsed.set_risk_scale(torch.tensor([0.0, 0.0]), torch.tensor([1e-9, 2.0]))
+    torch.testing.assert_close(collapsed(x)["risk"], 2.0 * x)  # the constant member is left out, not amplified
+    tilted = SeedEnsemble([Scaled(1.0), Scaled(3.0)], risk_scale="unit")
+    tilted.set_risk_scale(torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1.0]))
+    torch.testing.assert_close(tilted(x)["risk"], 2.0 * x)  # "unit" divides by the stored sd only

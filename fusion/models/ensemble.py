@@ -5,9 +5,18 @@ At small n a single network's test C moves by a few hundredths with its seed and
 the training fold decided early stopping; averaging members removes most of that variance, and
 together the members have early-stopped on every training patient. A Cox risk is only defined up to a
 shift and a scale, so each member's risk is first standardised by the mean and sd of its own risks on
-the fold's training patients (fitted on the training fold, stored as buffers), then averaged. Every
-other output (attention over tiles, genomic group attention, class or hazard logits) is the members'
-mean, so reports, explanations and scoring read an ensemble exactly as they read one model.
+the fold's training patients (fitted on the training fold, stored as buffers), then averaged, and the
+average is put back on the members' mean scale (times their mean sd, plus their mean mean): the risk
+stays a log hazard ratio in the units the members learned, so the Breslow baseline fitted on it gives
+survival curves as spread as a single network's (slightly less: averaging shrinks), not as spread as a
+unit-variance score. A member whose training risks are constant (a collapsed network: sd below 1e-3 of
+the largest member's) is left out of the risk rather than having its noise blown up by a tiny sd.
+Every other output (attention over tiles, genomic group attention, class or hazard logits) is the
+members' mean, so reports, explanations and scoring read an ensemble exactly as they read one model.
+
+Checkpoints of the first version (before the scale was kept) say so by lacking
+`ensemble_risk_scale: "members"` in their config and are read as they were trained: the unit-variance
+average, which their stored baseline was fitted on.
 """
 
 from __future__ import annotations
@@ -15,12 +24,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+RISK_SCALES = ("members", "unit")  # "unit": the first version's unit-variance average (old checkpoints)
+COLLAPSED = 1e-3  # a member whose training-risk sd is below this fraction of the largest is left out of the risk
+
 
 class SeedEnsemble(nn.Module):
-    def __init__(self, members: list[nn.Module]):
+    def __init__(self, members: list[nn.Module], risk_scale: str = "members"):
         super().__init__()
         if not members:
             raise ValueError("a seed ensemble needs at least one member")
+        if risk_scale not in RISK_SCALES:
+            raise ValueError(f"risk_scale must be one of {RISK_SCALES}, got {risk_scale!r}")
+        self.risk_scale = risk_scale
         self.members = nn.ModuleList(members)
         self.register_buffer("risk_mean", torch.zeros(len(members)))
         self.register_buffer("risk_std", torch.ones(len(members)))
@@ -39,7 +54,18 @@ class SeedEnsemble(nn.Module):
                 continue  # an output the members do not share in shape is not averaged into nonsense
             stacked = torch.stack([o[key].float() for o in outs])
             if key in ("risk", "branch_risk"):
-                shape = (-1,) + (1,) * (stacked.dim() - 1)
-                stacked = (stacked - self.risk_mean.view(shape)) / self.risk_std.view(shape)
-            merged[key] = stacked.mean(0)
+                merged[key] = self._combine_risks(stacked)
+            else:
+                merged[key] = stacked.mean(0)
         return merged
+
+    def _combine_risks(self, stacked: torch.Tensor) -> torch.Tensor:
+        """Members' risks [M, ...] -> one risk [...]: standardised, averaged, back on the members' scale."""
+        shape = (-1,) + (1,) * (stacked.dim() - 1)
+        z = (stacked - self.risk_mean.view(shape)) / self.risk_std.view(shape)
+        if self.risk_scale == "unit":
+            return z.mean(0)
+        weight = (self.risk_std >= COLLAPSED * self.risk_std.max()).float()
+        weight = weight / weight.sum()
+        average = (z * weight.view(shape)).sum(0)
+        return average * (self.risk_std * weight).sum() + (self.risk_mean * weight).sum()

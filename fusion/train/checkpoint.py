@@ -51,7 +51,8 @@ def load_checkpoint(folder: str | Path, device: str = "cpu") -> tuple[nn.Module,
     if n_members > 1:  # a seed ensemble (fusion.models.ensemble): members of one architecture
         from fusion.models.ensemble import SeedEnsemble
 
-        model = SeedEnsemble([create_model(config["model"], **config["model_kwargs"]) for _ in range(n_members)])
+        model = SeedEnsemble([create_model(config["model"], **config["model_kwargs"]) for _ in range(n_members)],
+                             risk_scale=config.get("ensemble_risk_scale", "unit"))
     else:
         model = create_model(config["model"], **config["model_kwargs"])
     model.load_state_dict(load_file(str(folder / WEIGHTS), device=device))

@@ -244,7 +244,7 @@ def fit(bags: Bags, val: Bags, config: TrainConfig, seed: int,
         if not classify and edges is None and config.loss_name == "weighted_cox" else None
     strata = bags.label if classify else bags.event
 
-    best, best_state, history, stale = (-np.inf, np.inf), None, [], 0
+    best, best_state, history, stale, kept = (-np.inf, np.inf), None, [], 0, None
     for epoch in range(config.epochs):
         model.train()
         order = stratified_order(strata, rng)
@@ -281,13 +281,15 @@ def fit(bags: Bags, val: Bags, config: TrainConfig, seed: int,
             on_epoch(epoch, record)
         score = (np.nan_to_num(val_c, nan=0.5), -val_loss)
         if score > best:
-            best, best_state, stale = score, copy.deepcopy(model.state_dict()), 0
+            best, best_state, stale, kept = score, copy.deepcopy(model.state_dict()), 0, epoch
         else:
             stale += 1
             if stale >= config.patience:
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
+    for record in history:  # the epoch whose weights are returned (best C, then lower loss), as the record says
+        record["kept"] = record["epoch"] == kept
     return model.eval(), history
 
 
@@ -395,7 +397,7 @@ def _fit_members(train: Bags, config: TrainConfig, k: int, device: torch.device,
             progress = lambda e, r, m=m: on_epoch(k, (m * config.epochs + e) // n_members, r)  # noqa: E731
         model, member_history = fit(train.subset(fit_idx), train.subset(val_idx), config,
                                     seed=config.seed * 1000 + k + offset, on_epoch=progress, prep=prep, edges=edges)
-        best = int(np.argmax([np.nan_to_num(h[val_key], nan=0.5) for h in member_history]))
+        best = next((i for i, h in enumerate(member_history) if h["kept"]), len(member_history) - 1)
         records.append({"member": m, "n_fit": len(fit_idx), "n_val": len(val_idx), "best_epoch": best,
                         val_key: member_history[best][val_key]})
         models.append(model)
@@ -452,6 +454,7 @@ def _train_fold(bags: Bags, config: TrainConfig, k: int, train_idx: np.ndarray, 
                     fold_dir, extra={"train_config": asdict(config), **hashes, "fold": k,
                                      "encoder": config.encoder, "preprocessor": prep.state(),
                                      "ensemble": len(members),
+                                     "ensemble_risk_scale": getattr(model, "risk_scale", None),
                                      "classes": bags.classes, "horizons": horizons, "loss": config.loss_name,
                                      "bin_edges": None if edges is None else edges[1:-1].tolist(),
                                      "baseline_survival": baseline,
