@@ -397,3 +397,22 @@ def test_signing_writes_numbered_copies_and_an_audit_trail(reported, tmp_path):
         sign_report(reports, pid, "Dr C", decision="maybe")
     with pytest.raises(RunError, match="no draft report for patient NOPE"):
         sign_report(reports, "NOPE", "Dr C")
+
+
+def test_group_attention_is_averaged_by_group_name_across_folds_that_chose_different_genes():
+    """Folds select genes on their own training patients: fold 1 has a group fold 0 lacks and its groups in
+    another order. Averaging by position would mislabel them (or fail on unequal counts); by name it does not."""
+    from types import SimpleNamespace as NS
+
+    from fusion.report.patient_sections import _group_attention
+
+    def fold(genes, groups):
+        return NS(prep=NS(genes=genes, groups=groups))
+
+    fold0 = fold(["TP53_a", "TP53_b", "MYC_a"], [[0, 1], [2]])
+    fold1 = fold(["MYC_a", "EGFR_a", "TP53_a"], [[0], [1], [2]])
+    out = _group_attention([NS(group_attention=np.array([0.8, 0.2])), NS(group_attention=np.array([0.1, 0.3, 0.6]))],
+                           [fold0, fold1])
+    by_name = {row["name"]: row["attribution"] for row in out}
+    assert by_name == pytest.approx({"TP53": (0.8 + 0.6) / 2, "MYC": (0.2 + 0.1) / 2, "EGFR": 0.3})
+    assert _group_attention([NS(group_attention=None)], [fold0]) is None

@@ -151,12 +151,7 @@ def attributions(ctx: ReportContext, explanations: list[FoldExplanation], explai
     clinical_rows = [{"name": var, "value": _display(values.get(var)), "attribution": a}
                      for var, a in by_variable.items()]
     errors = [e.completeness_error for e in explanations if e.completeness_error is not None]
-    group_attention = None
-    if explanations and explanations[0].group_attention is not None and explained[0].prep.genes:
-        names = _group_names(explained[0].prep)
-        att = np.mean([e.group_attention for e in explanations], 0)
-        if len(names) == len(att):
-            group_attention = _scale([{"name": n, "attribution": float(a)} for n, a in zip(names, att, strict=True)])
+    group_attention = _group_attention(explanations, explained)
     return {"groups": _top(groups, 8), "genes": _top(genes, 8),
             "clinical": _scale(sorted(clinical_rows, key=lambda r: -abs(r["attribution"]))),
             "completeness": max(errors) if errors else None, "steps": max((e.ig_steps for e in explanations),
@@ -211,6 +206,24 @@ def _per_name(explanations: list[FoldExplanation], explained: list[Fold], kind: 
         for name, v in zip(names, values, strict=False):
             totals[name] = totals.get(name, 0.0) + float(v) / len(explanations)
     return totals
+
+
+def _group_attention(explanations: list[FoldExplanation], explained: list[Fold]) -> list[dict] | None:
+    """Attention over genomic groups, averaged by group name over the folds that have the group: each fold
+    selected its own genes on its training patients, so folds may have different groups, or as many groups
+    in another order (averaging position by position would mislabel them or fail)."""
+    totals: dict[str, list[float]] = {}
+    for e, f in zip(explanations, explained, strict=True):
+        if e.group_attention is None or not f.prep.genes:
+            continue
+        names = _group_names(f.prep)
+        if len(names) != len(e.group_attention):
+            continue  # a fold whose groups cannot be named is left out rather than mislabelled
+        for name, a in zip(names, e.group_attention, strict=True):
+            totals.setdefault(name, []).append(float(a))
+    if not totals:
+        return None
+    return _scale([{"name": n, "attribution": float(np.mean(v))} for n, v in totals.items()])
 
 
 def _group_of(gene: str) -> str:
