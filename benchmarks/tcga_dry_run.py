@@ -64,7 +64,9 @@ def run_flow(cohort: Path, run: Path, slides_per_task: int | None) -> dict:
     start, cpu = time.perf_counter(), _cpu()
     results = tile_cohort(str(cohort), str(run), slides_per_task=slides_per_task)
     total, cpu = time.perf_counter() - start, _cpu() - cpu
-    assert len(results) == n and all(r["status"] == "done" for r in results)
+    not_done = [r["slide_id"] for r in results if r["status"] != "done"]
+    if len(results) != n or not_done:  # a dry run that lost slides measures nothing: say so, even under -O
+        raise RuntimeError(f"dry run: {len(results)} results for {n} slides; not done: {not_done[:5]}")
     ledger = run / "ledger.jsonl"
     return {"slides": n, "tasks": len(slide_batches(list(range(n)), slides_per_task)), "validate_s": validate,
             "flow_s": total, "flow_cpu_s": cpu, "overhead_per_slide_ms": 1000 * total / n,

@@ -113,7 +113,9 @@ def _outlines(shape: tuple[int, int], xy: np.ndarray, size: float) -> np.ndarray
     ~25 ms whatever the tile count)."""
     h, w = shape
     x0, y0 = xy[:, 0].astype(np.int32), xy[:, 1].astype(np.int32)
-    x1, y1 = (xy[:, 0] + size).astype(np.int32), (xy[:, 1] + size).astype(np.int32)
+    # a tile flush with the slide's right or bottom edge ends at w or h: drawn on the last pixel, not clipped away
+    x1 = np.minimum(xy[:, 0] + size, w - 1).astype(np.int32)
+    y1 = np.minimum(xy[:, 1] + size, h - 1).astype(np.int32)
     corners = np.stack([x0, y0, x1, y0, x1, y1, x0, y1], 1).reshape(-1, 4, 1, 2)
     drawn = np.zeros((h, w), np.uint8)
     cv2.polylines(drawn, list(corners), True, 1, 1, cv2.LINE_8)

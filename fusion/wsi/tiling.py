@@ -8,6 +8,7 @@ resolution), `patch_level` (the pyramid level to read from), `patch_size_level0`
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -203,17 +204,31 @@ class _PhaseClock:
         self._last = now
 
 
+_CV2_LOCK = threading.Lock()
+_cv2_users = 0  # slides being tiled in this process right now
+_cv2_before = 0  # OpenCV's thread count before the first of them
+
+
 @contextmanager
 def _cv2_threads(n: int) -> Iterator[None]:
     """OpenCV's own thread pool for the block. Slides are tiled one per task, several tasks at once: on a
     megapixel mask cv2's parallel loops cost more in contention than they gain (2-3x slower morphology
-    on a loaded 2-core machine)."""
-    before = cv2.getNumThreads()
-    cv2.setNumThreads(n)
+    on a loaded 2-core machine). The setting is process-wide, so it is counted: the first slide to start
+    sets it and the last to finish restores it (saving and restoring around each slide let one thread
+    restore the full pool while another was still tiling)."""
+    global _cv2_users, _cv2_before
+    with _CV2_LOCK:
+        if _cv2_users == 0:
+            _cv2_before = cv2.getNumThreads()
+            cv2.setNumThreads(n)
+        _cv2_users += 1
     try:
         yield
     finally:
-        cv2.setNumThreads(before)
+        with _CV2_LOCK:
+            _cv2_users -= 1
+            if _cv2_users == 0:
+                cv2.setNumThreads(_cv2_before)
 
 
 def write_coords(path: Path, coords: np.ndarray, attrs: dict, **extra: np.ndarray) -> None:
