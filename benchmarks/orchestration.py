@@ -89,6 +89,22 @@ def _cpu() -> float:
     return total
 
 
+def _settle(quiet: float = 0.02, longest: float = 60.0) -> None:
+    """Wait until the Prefect server has finished the work the previous variant gave it (it persists events
+    and logs after a flow returns: after 311 task runs, seconds of CPU that would be billed to the next
+    variant): until its CPU use over one second falls below `quiet` seconds, or `longest` seconds."""
+    import psutil
+
+    deadline = time.perf_counter() + longest
+    while time.perf_counter() < deadline:
+        children = psutil.Process().children(recursive=True)
+        before = sum(sum(c.cpu_times()[:2]) for c in children if c.is_running())
+        time.sleep(1.0)
+        after = sum(sum(c.cpu_times()[:2]) for c in children if c.is_running())
+        if after - before < quiet:
+            return
+
+
 def _plain(stage: str, cohort: Path, run: Path) -> tuple[float, float]:
     """The stage's library calls on WORKERS threads, no orchestrator: (wall, CPU) seconds."""
     from fusion.run import init_run, open_run
@@ -170,9 +186,11 @@ def main() -> None:
             rounds: list[dict[str, tuple[float, float]]] = []  # per round: variant -> (wall, CPU)
             tasks: dict[str, int] = {}
             for _ in range(repeats if stage == "tile" else min(repeats, args.extract_repeats)):
+                _settle()
                 measured = {"plain": _plain(stage, cohort, _fresh(root, f"{stage}-plain", tiles_source))}
                 for variant, per_task in VARIANTS if stage == "tile" else VARIANTS[1:2]:
                     per_task = -(-n_slides // WORKERS) if per_task == -1 else per_task
+                    _settle()
                     w, c, tasks[variant] = _flow(stage, cohort, _fresh(root, f"{stage}-flow", tiles_source), per_task)
                     measured[variant] = (w, c)
                 rounds.append(measured)
@@ -199,7 +217,9 @@ def main() -> None:
     notes = (f"{WORKERS} workers (threads) in every variant; the Prefect server started and warmed up before timing; "
              f"{repeats} rounds for tiling, {min(repeats, args.extract_repeats)} for extraction (slow: only the "
              "default batching is measured there), each round running every variant once, in turn. CPU seconds (user "
-             "+ system) of the benchmark process and of the Prefect server process; a round's overhead fraction = "
+             "+ system) of the benchmark process and of the Prefect server process, each variant started once the "
+             "server is idle (it finishes persisting the previous variant's events after that flow returns); a "
+             "round's overhead fraction = "
              "(flow CPU - plain CPU) / plain CPU of that round; the median over rounds is judged, and its range "
              "shown (rounds differ by +-1.5 s of CPU on this machine, ~0.1 of the tiling's work); seconds are "
              "medians. Wall times are shown but not judged: the machine is shared, and other "
