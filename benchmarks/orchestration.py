@@ -79,9 +79,15 @@ def _cpu() -> float:
     """CPU seconds (user + system) used so far by this process and its Prefect server child."""
     import psutil
 
-    me = psutil.Process()
-    total = sum(me.cpu_times()[:2])
-    for child in me.children(recursive=True):
+    return sum(psutil.Process().cpu_times()[:2]) + _server_cpu()
+
+
+def _server_cpu() -> float:
+    """CPU seconds used so far by this process's children (the Prefect server); one that exits is skipped."""
+    import psutil
+
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
         try:
             total += sum(child.cpu_times()[:2])
         except psutil.Error:
@@ -93,15 +99,11 @@ def _settle(quiet: float = 0.02, longest: float = 60.0) -> None:
     """Wait until the Prefect server has finished the work the previous variant gave it (it persists events
     and logs after a flow returns: after 311 task runs, seconds of CPU that would be billed to the next
     variant): until its CPU use over one second falls below `quiet` seconds, or `longest` seconds."""
-    import psutil
-
     deadline = time.perf_counter() + longest
     while time.perf_counter() < deadline:
-        children = psutil.Process().children(recursive=True)
-        before = sum(sum(c.cpu_times()[:2]) for c in children if c.is_running())
+        before = _server_cpu()
         time.sleep(1.0)
-        after = sum(sum(c.cpu_times()[:2]) for c in children if c.is_running())
-        if after - before < quiet:
+        if _server_cpu() - before < quiet:
             return
 
 
